@@ -1,0 +1,1 @@
+"""Backend implementations (one module per backend; see crossvit_kernels.backends)."""

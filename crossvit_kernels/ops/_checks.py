@@ -1,0 +1,43 @@
+"""Input validation shared by the public op entries: every message says what to fix."""
+from __future__ import annotations
+
+from typing import Optional, Sequence
+
+import torch
+
+FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
+def check_tensor(name: str, t, ndim: Optional[int] = None, shape: Optional[Sequence[int]] = None,
+                 optional: bool = False) -> None:
+    if t is None:
+        if optional:
+            return
+        raise TypeError(f"{name} must be a tensor, got None")
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    if t.dtype not in FLOAT_DTYPES:
+        raise TypeError(f"{name} must be a floating-point tensor (float16, bfloat16, float32 or float64), "
+                        f"got {t.dtype}")
+    if ndim is not None and t.dim() != ndim:
+        raise ValueError(f"{name} must have {ndim} dimensions, got shape {tuple(t.shape)}")
+    if shape is not None and tuple(t.shape) != tuple(shape):
+        raise ValueError(f"{name} must have shape {tuple(shape)}, got {tuple(t.shape)}")
+
+
+def check_same(named: dict) -> None:
+    """All given (non-None) tensors share one dtype and one device."""
+    items = [(k, v) for k, v in named.items() if v is not None]
+    ref_name, ref = items[0]
+    for k, v in items[1:]:
+        if v.dtype != ref.dtype:
+            raise TypeError(f"dtype mismatch: {ref_name} is {ref.dtype} but {k} is {v.dtype}; "
+                            f"cast all inputs to one dtype")
+        if v.device != ref.device:
+            raise ValueError(f"device mismatch: {ref_name} is on {ref.device} but {k} is on {v.device}; "
+                             f"move all inputs to one device")
+
+
+def check_backend_arg(backend) -> None:
+    if backend is not None and not isinstance(backend, str):
+        raise TypeError(f"backend must be None or a string, got {type(backend).__name__}")

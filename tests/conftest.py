@@ -1,0 +1,26 @@
+"""Test configuration shared by every test file.
+
+Without a GPU the Triton kernels run under the interpreter (TRITON_INTERPRET=1, set here before
+anything imports Triton), so the same kernel tests run on the CPU in CI. GPU-only tests use the
+``gpu`` marker / ``requires_gpu`` and skip with a reason on a CPU machine.
+"""
+import os
+
+import pytest
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "gpu: needs a CUDA GPU (skipped without one)")
+    config.addinivalue_line("markers", "slow: long-running test")
+
+
+@pytest.fixture(autouse=True)
+def _seed():
+    torch.manual_seed(0)
+    yield
