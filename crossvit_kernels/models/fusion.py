@@ -1,0 +1,172 @@
+"""The paper's fusion schemes (Chen, Fan, Panda, ICCV 2021, section 3.3, Figure 3, Table 6).
+
+Notation: two branches i in {0, 1} (0 = small patches, width C0; 1 = large patches, width C1),
+j = 1 - i the other branch. x^i = [cls^i; p^i] is branch i's token sequence after its encoders.
+f^i = ``projs[i]`` (LayerNorm, GELU, Linear C_i -> C_j) aligns branch i to the other branch's width;
+g^i = ``revert_projs[i]`` (LayerNorm, GELU, Linear C_j -> C_i) projects back. Fusion for branch i
+happens in width C_j, where the other branch's tokens need no projection (f^j is the identity
+there), as in the paper's cross-attention formulation and timm's implementation.
+
+``cross_attention`` (the paper's choice, default; timm's parameter names ``projs``, ``fusion``,
+``revert_projs``):
+    cls^i <- g^i( CrossAttn_i( f^i(cls^i) ; p^j ) )        p^i unchanged
+  where CrossAttn_i is the CrossAttentionBlock over [f^i(cls^i); p^j] with f^i(cls^i) the single
+  query and a residual on it. Linear in the number of tokens.
+
+``class_token``:
+    cls^i <- g^i( f^i(cls^i) + cls^j )                      p^i unchanged
+  Only the CLS tokens meet: the cheapest fusion.
+
+``pairwise``:
+    cls^i <- g^i( f^i(cls^i) + cls^j )
+    p^i   <- g^i( f^i(p^i) + R_{j->i}(p^j) )
+  Patch tokens are fused with the other branch's token at the same spatial position. The grids
+  differ (20x20 vs 14x14 at 240 px), so R_{j->i} resamples branch j's patch tokens, laid out as a
+  (C_j, H_j, W_j) image, onto branch i's (H_i, W_i) grid by bilinear interpolation
+  (``F.interpolate(mode="bilinear", align_corners=False)``: token centres map to token centres).
+
+``all_attention``:
+    y   = [ f^0(x^0) ; x^1 ]                     all tokens of both branches in width C1
+    o   = y + MSA(LN(y))                          one self-attention layer over all 2 + P0 + P1 tokens
+    x^0 <- g^0(o[:, :1 + P0]);  x^1 <- o[:, 1 + P0:]
+  with MSA = ``fusion`` (an ``AllAttentionBlock``: ``norm1``, ``attn.qkv``, ``attn.proj``, the heads of
+  branch 1). Quadratic in the total number of tokens: by far the most expensive.
+
+``none``: no fusion; the branches only meet at the head (their logits are averaged).
+"""
+from __future__ import annotations
+
+from typing import List, Sequence, Tuple, Type
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from ..modules import Attention, CrossAttentionBlock, DropPath
+
+Tensor = torch.Tensor
+
+FUSIONS = ("cross_attention", "all_attention", "class_token", "pairwise", "none")
+
+
+def check_fusion(fusion: str) -> str:
+    if not isinstance(fusion, str) or fusion.replace("-", "_").lower() not in FUSIONS:
+        raise ValueError(f"unknown fusion {fusion!r}: choose one of {', '.join(FUSIONS)}")
+    return fusion.replace("-", "_").lower()
+
+
+def projection(dim_in: int, dim_out: int, norm_layer, act_layer, dd) -> nn.Sequential:
+    """LayerNorm, activation, Linear: timm's ``projs`` / ``revert_projs`` entries."""
+    return nn.Sequential(norm_layer(dim_in, **dd), act_layer(), nn.Linear(dim_in, dim_out, **dd))
+
+
+class AllAttentionBlock(nn.Module):
+    """o = y + drop_path(MSA(LN(y))): the all-attention fusion's self-attention layer."""
+
+    def __init__(self, dim: int, num_heads: int, qkv_bias: bool, proj_drop: float, attn_drop: float,
+                 drop_path: float, norm_layer, dd):
+        super().__init__()
+        self.norm1 = norm_layer(dim, **dd)
+        self.attn = Attention(dim, num_heads=num_heads, qkv_bias=qkv_bias, attn_drop=attn_drop,
+                              proj_drop=proj_drop, **dd)
+        self.drop_path = DropPath(drop_path) if drop_path > 0.0 else nn.Identity()
+
+    def forward(self, y: Tensor) -> Tensor:
+        return y + self.drop_path(self.attn(self.norm1(y)))
+
+
+def resample_tokens(p: Tensor, src_grid: Tuple[int, int], dst_grid: Tuple[int, int]) -> Tensor:
+    """(B, Hs*Ws, C) patch tokens on src_grid -> (B, Hd*Wd, C) on dst_grid, bilinear."""
+    if tuple(src_grid) == tuple(dst_grid):
+        return p
+    B, _, C = p.shape
+    img = p.transpose(1, 2).reshape(B, C, src_grid[0], src_grid[1])
+    img = F.interpolate(img, size=tuple(dst_grid), mode="bilinear", align_corners=False)
+    return img.flatten(2).transpose(1, 2)
+
+
+class Fusion(nn.Module):
+    """The fusion stage of one multi-scale block; see the module docstring for the definitions.
+
+    Holds timm's parameter names for the cross-attention scheme (``projs``, ``fusion``,
+    ``revert_projs``) so that timm checkpoints load into ``MultiScaleBlock`` unchanged.
+    """
+
+    def __init__(self, fusion: str, dim: Sequence[int], num_heads: Sequence[int], grids: Sequence[Tuple[int, int]],
+                 fusion_depth: int, mlp_ratio: Sequence[float], qkv_bias: bool, proj_drop: float,
+                 attn_drop: float, drop_path: float, act_layer: Type[nn.Module], norm_layer, dd):
+        super().__init__()
+        self._build_fusion(fusion, dim, num_heads, grids, fusion_depth, mlp_ratio, qkv_bias, proj_drop, attn_drop,
+                           drop_path, act_layer, norm_layer, dd)
+
+    def _build_fusion(self, fusion, dim, num_heads, grids, fusion_depth, mlp_ratio, qkv_bias, proj_drop, attn_drop,
+                      drop_path, act_layer, norm_layer, dd):
+        self.kind = check_fusion(fusion)
+        self.num_branches = nb = len(dim)
+        self.grids = [tuple(g) for g in grids]
+        self.fusion_depth = fusion_depth
+        if self.kind == "none":
+            return
+        if nb != 2:
+            raise ValueError(f"fusion {self.kind!r} is defined for two branches, got {nb}")
+        if self.kind == "all_attention":
+            self.projs = nn.ModuleList([projection(dim[0], dim[1], norm_layer, act_layer, dd)])
+            self.fusion = AllAttentionBlock(dim[1], num_heads[1], qkv_bias, proj_drop, attn_drop, drop_path,
+                                            norm_layer, dd)
+            self.revert_projs = nn.ModuleList([projection(dim[1], dim[0], norm_layer, act_layer, dd)])
+            return
+        self.projs = nn.ModuleList([projection(dim[d], dim[(d + 1) % nb], norm_layer, act_layer, dd)
+                                    for d in range(nb)])
+        if self.kind == "cross_attention":
+            fusion_modules = []
+            for d in range(nb):
+                d_ = (d + 1) % nb
+
+                def make():
+                    return CrossAttentionBlock(dim[d_], num_heads[d_], mlp_ratio=mlp_ratio[d], qkv_bias=qkv_bias,
+                                               proj_drop=proj_drop, attn_drop=attn_drop, drop_path=drop_path,
+                                               norm_layer=norm_layer, **dd)
+                # timm: a single block when the fusion depth is 0 (every published model), else a
+                # Sequential of `fusion_depth` blocks (kept for checkpoint compatibility).
+                fusion_modules.append(make() if fusion_depth == 0 else
+                                      nn.Sequential(*[make() for _ in range(fusion_depth)]))
+            self.fusion = nn.ModuleList(fusion_modules)
+        self.revert_projs = nn.ModuleList([projection(dim[(d + 1) % nb], dim[d], norm_layer, act_layer, dd)
+                                           for d in range(nb)])
+
+    def _cross(self, i: int, q: Tensor, tokens: Tensor) -> Tensor:
+        blocks = self.fusion[i]
+        if isinstance(blocks, CrossAttentionBlock):
+            return blocks.forward_cls(q, tokens)
+        # timm's Sequential form: the first block maps [q; tokens] to the new query alone, so each
+        # later block attends only to the query itself (zero patch tokens).
+        for k, blk in enumerate(blocks):
+            q = blk.forward_cls(q, tokens if k == 0 else tokens[:, :0])
+        return q
+
+    def forward(self, xs: List[Tensor]) -> List[Tensor]:
+        if self.kind == "none":
+            return list(xs)
+        if self.kind == "all_attention":
+            n0 = xs[0].shape[1]
+            y = torch.cat([self.projs[0](xs[0]), xs[1]], dim=1)
+            o = self.fusion(y)
+            return [self.revert_projs[0](o[:, :n0]), o[:, n0:]]
+        nb = self.num_branches
+        cls = [x[:, 0] for x in xs]
+        outs = []
+        for i in range(nb):
+            j = (i + 1) % nb
+            q = self.projs[i](cls[i])
+            if self.kind == "cross_attention":
+                new_cls = self._cross(i, q, xs[j][:, 1:])
+            else:
+                new_cls = q + cls[j]
+            new_cls = self.revert_projs[i](new_cls)
+            if self.kind == "pairwise":
+                patches = self.projs[i](xs[i][:, 1:]) + resample_tokens(xs[j][:, 1:], self.grids[j], self.grids[i])
+                patches = self.revert_projs[i](patches)
+            else:
+                patches = xs[i][:, 1:]
+            outs.append(torch.cat([new_cls.unsqueeze(1), patches], dim=1))
+        return outs

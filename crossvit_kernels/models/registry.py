@@ -1,0 +1,141 @@
+"""The 11 published CrossViT variants (timm's names and configurations) and local checkpoint loading."""
+from __future__ import annotations
+
+import fnmatch
+import os
+import warnings
+from typing import Dict, List, Optional, Union
+
+import torch
+
+from .crossvit import CrossViT
+from .fusion import check_fusion
+
+__all__ = ["MODEL_CONFIGS", "create_model", "list_models", "load_checkpoint", "convert_checkpoint"]
+
+_MEAN = (0.485, 0.456, 0.406)
+_STD = (0.229, 0.224, 0.225)
+
+
+def _cfg(name: str, input_size=(3, 240, 240), crop_pct=0.875, dagger=False) -> dict:
+    return {
+        "url": "", "hf_hub_id": f"timm/{name}.in1k", "architecture": name, "tag": "in1k", "custom_load": False,
+        "input_size": input_size, "fixed_input_size": True, "interpolation": "bicubic", "crop_pct": crop_pct,
+        "crop_mode": "center", "mean": _MEAN, "std": _STD, "num_classes": 1000, "pool_size": None,
+        "first_conv": ("patch_embed.0.proj.0", "patch_embed.1.proj.0") if dagger
+        else ("patch_embed.0.proj", "patch_embed.1.proj"),
+        "classifier": ("head.0", "head.1"), "license": "apache-2.0",
+    }
+
+
+def _arch(embed_dim, blocks, heads, mlp, dagger=False, px=240) -> dict:
+    scale = 224 / 240 if px == 240 else 384 / 408
+    return dict(img_size=px, img_scale=(1.0, scale), patch_size=(12, 16), embed_dim=embed_dim,
+                depth=((1, blocks, 0),) * 3, num_heads=heads, mlp_ratio=(mlp, mlp, 1), multi_conv=dagger)
+
+
+#: name -> constructor arguments of CrossViT (identical to timm 1.0.31's registrations).
+MODEL_CONFIGS: Dict[str, dict] = {
+    "crossvit_tiny_240": _arch((96, 192), 4, (3, 3), 4),
+    "crossvit_small_240": _arch((192, 384), 4, (6, 6), 4),
+    "crossvit_base_240": _arch((384, 768), 4, (12, 12), 4),
+    "crossvit_9_240": _arch((128, 256), 3, (4, 4), 3),
+    "crossvit_15_240": _arch((192, 384), 5, (6, 6), 3),
+    "crossvit_18_240": _arch((224, 448), 6, (7, 7), 3),
+    "crossvit_9_dagger_240": _arch((128, 256), 3, (4, 4), 3, dagger=True),
+    "crossvit_15_dagger_240": _arch((192, 384), 5, (6, 6), 3, dagger=True),
+    "crossvit_15_dagger_408": _arch((192, 384), 5, (6, 6), 3, dagger=True, px=408),
+    "crossvit_18_dagger_240": _arch((224, 448), 6, (7, 7), 3, dagger=True),
+    "crossvit_18_dagger_408": _arch((224, 448), 6, (7, 7), 3, dagger=True, px=408),
+}
+
+PRETRAINED_CFGS: Dict[str, dict] = {
+    name: _cfg(name, input_size=(3, a["img_size"], a["img_size"]), crop_pct=0.875 if a["img_size"] == 240 else 1.0,
+               dagger=a["multi_conv"])
+    for name, a in MODEL_CONFIGS.items()
+}
+
+
+def list_models(pattern: str = "*") -> List[str]:
+    """The variant names matching a shell-style wildcard, in timm's order (sorted naturally)."""
+    def natural(name):
+        import re
+        return [int(t) if t.isdigit() else t for t in re.split(r"(\d+)", name)]
+    return sorted(fnmatch.filter(MODEL_CONFIGS, pattern), key=natural)
+
+
+def convert_checkpoint(state_dict: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
+    """timm's format from either timm's or the original IBM release's (``pos_embed.0`` ->
+    ``pos_embed_0``, ``cls_token.1`` -> ``cls_token_1``); unwraps ``{"model": ...}`` /
+    ``{"state_dict": ...}`` and strips a DataParallel ``module.`` prefix."""
+    for key in ("model", "state_dict", "model_state_dict"):
+        if isinstance(state_dict, dict) and key in state_dict and isinstance(state_dict[key], dict):
+            state_dict = state_dict[key]
+            break
+    out = {}
+    for k, v in state_dict.items():
+        if k.startswith("module."):
+            k = k[len("module."):]
+        if k.startswith(("pos_embed.", "cls_token.")):
+            k = k.replace(".", "_", 1)
+        out[k] = v
+    return out
+
+
+def load_checkpoint(model: CrossViT, path: Union[str, os.PathLike], strict: bool = True):
+    """Load a local checkpoint file (timm or IBM format; ``.pth``/``.pt``/``.bin`` via torch.load
+    with ``weights_only=True``, or ``.safetensors``). Nothing is ever downloaded."""
+    path = os.fspath(path)
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"checkpoint file not found: {path!r} (pretrained= takes a local file; "
+                                f"nothing is downloaded)")
+    if path.endswith(".safetensors"):
+        try:
+            from safetensors.torch import load_file
+        except ImportError as exc:
+            raise ImportError("loading .safetensors files needs the 'safetensors' package") from exc
+        state = load_file(path, device="cpu")
+    else:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    state = convert_checkpoint(state)
+    return model.load_state_dict(state, strict=strict)
+
+
+def create_model(name: str, pretrained: Optional[Union[str, os.PathLike]] = None, fusion: str = "cross_attention",
+                 **kwargs) -> CrossViT:
+    """Build a published CrossViT variant by timm's name.
+
+    Args:
+        name: one of :func:`list_models` (e.g. ``"crossvit_18_dagger_240"``).
+        pretrained: None, or the path of a local checkpoint in timm's or the original IBM format.
+            Nothing is downloaded. With a fusion other than ``"cross_attention"`` the checkpoint's
+            fusion weights do not apply: everything else loads and the mismatch is reported.
+        fusion: the fusion scheme of every multi-scale block (see ``crossvit_kernels.FUSIONS``).
+        **kwargs: any CrossViT constructor argument (num_classes, in_chans, drop_path_rate, ...),
+            overriding the variant's configuration as in timm.
+    """
+    if name not in MODEL_CONFIGS:
+        import difflib
+        close = difflib.get_close_matches(str(name), MODEL_CONFIGS, n=3)
+        hint = f"; did you mean {', '.join(close)}?" if close else ""
+        raise ValueError(f"unknown model {name!r}{hint} (list_models() gives the {len(MODEL_CONFIGS)} names)")
+    if pretrained is True:
+        raise ValueError("pretrained=True would need a download, which this package never does: pass the path of "
+                         "a local checkpoint file (timm's or the original IBM format)")
+    fusion = check_fusion(fusion)
+    args = dict(MODEL_CONFIGS[name])
+    args.update(kwargs)
+    model = CrossViT(fusion=fusion, **args)
+    cfg = dict(PRETRAINED_CFGS[name])
+    if "num_classes" in kwargs:
+        cfg["num_classes"] = kwargs["num_classes"]
+    model.pretrained_cfg = cfg
+    if pretrained:
+        if fusion == "cross_attention":
+            load_checkpoint(model, pretrained, strict=True)
+        else:
+            result = load_checkpoint(model, pretrained, strict=False)
+            warnings.warn(f"fusion={fusion!r}: {len(result.missing_keys)} parameters not in the checkpoint "
+                          f"(freshly initialised) and {len(result.unexpected_keys)} checkpoint entries unused",
+                          UserWarning, stacklevel=2)
+    return model

@@ -1,0 +1,256 @@
+"""nn.Modules with timm's parameter names, running on the package's ops.
+
+Every module here has the state_dict keys and defaults of its timm counterpart
+(``timm.models.crossvit`` / ``timm.models.vision_transformer``), so timm checkpoints load unchanged.
+"""
+from __future__ import annotations
+
+import math
+from typing import Optional, Tuple, Type, Union
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from .ops.cross_attention import _cross_attention
+from .ops.patch_embed import patch_embed as _patch_embed_op
+
+Tensor = torch.Tensor
+
+__all__ = ["CrossAttention", "CrossAttentionBlock", "Attention", "Mlp", "Block", "DropPath", "PatchEmbed"]
+
+
+def _pair(x) -> Tuple[int, int]:
+    return (x, x) if isinstance(x, int) else tuple(x)
+
+
+def drop_path(x: Tensor, p: float, training: bool) -> Tensor:
+    """Stochastic depth per sample (timm's ``drop_path`` with scale_by_keep=True)."""
+    if p == 0.0 or not training:
+        return x
+    keep = 1.0 - p
+    mask = x.new_empty((x.shape[0],) + (1,) * (x.dim() - 1)).bernoulli_(keep)
+    if keep > 0.0:
+        mask.div_(keep)
+    return x * mask
+
+
+class DropPath(nn.Module):
+    def __init__(self, drop_prob: float = 0.0):
+        super().__init__()
+        self.drop_prob = drop_prob
+
+    def forward(self, x: Tensor) -> Tensor:
+        return drop_path(x, self.drop_prob, self.training)
+
+    def extra_repr(self) -> str:
+        return f"drop_prob={self.drop_prob}"
+
+
+class CrossAttention(nn.Module):
+    """The parameters of CrossViT's single-query cross-attention (timm's ``CrossAttention``):
+    ``wq``, ``wk``, ``wv`` and ``proj``. Its forward is timm's: (B, N, C) -> (B, 1, C) without the
+    LayerNorm and the residual (those belong to :class:`CrossAttentionBlock`)."""
+
+    def __init__(self, dim: int, num_heads: int = 8, qkv_bias: bool = False, attn_drop: float = 0.0,
+                 proj_drop: float = 0.0, device=None, dtype=None):
+        super().__init__()
+        if dim % num_heads:
+            raise ValueError(f"num_heads={num_heads} must divide dim={dim}")
+        dd = {"device": device, "dtype": dtype}
+        self.num_heads = num_heads
+        self.scale = (dim // num_heads) ** -0.5
+        self.wq = nn.Linear(dim, dim, bias=qkv_bias, **dd)
+        self.wk = nn.Linear(dim, dim, bias=qkv_bias, **dd)
+        self.wv = nn.Linear(dim, dim, bias=qkv_bias, **dd)
+        self.attn_drop = nn.Dropout(attn_drop)
+        self.proj = nn.Linear(dim, dim, **dd)
+        self.proj_drop = nn.Dropout(proj_drop)
+
+    def forward(self, x: Tensor) -> Tensor:
+        B, N, C = x.shape
+        H = self.num_heads
+        q = self.wq(x[:, 0:1]).reshape(B, 1, H, C // H).permute(0, 2, 1, 3)
+        k = self.wk(x).reshape(B, N, H, C // H).permute(0, 2, 1, 3)
+        v = self.wv(x).reshape(B, N, H, C // H).permute(0, 2, 1, 3)
+        attn = ((q @ k.transpose(-2, -1)) * self.scale).softmax(dim=-1)
+        attn = self.attn_drop(attn)
+        x = (attn @ v).transpose(1, 2).reshape(B, 1, C)
+        return self.proj_drop(self.proj(x))
+
+
+class CrossAttentionBlock(nn.Module):
+    """CrossViT's fusion block: LayerNorm, single-query cross-attention, residual on the CLS.
+
+    Same parameter names and defaults as timm's ``CrossAttentionBlock`` (``norm1``, ``attn.wq``,
+    ``attn.wk``, ``attn.wv``, ``attn.proj``). ``forward(x)`` maps (B, N, C) to (B, 1, C) exactly
+    like timm's (token 0 is the query); ``forward(x_cls, x_tokens)`` takes the query (B, C) or
+    (B, 1, C) and the tokens (B, M, C) separately (the tokens may be a strided view, never copied)
+    and returns (B, 1, C). ``mlp_ratio`` and ``act_layer`` are accepted for signature compatibility;
+    like timm's block, this one has no MLP.
+
+    The computation is :func:`crossvit_kernels.ops.cross_attention` with ``backend=self.backend``
+    (None: the current default, normally ``auto``). Attention dropout in training needs the
+    textbook form and uses it.
+    """
+
+    def __init__(self, dim: int, num_heads: int, mlp_ratio: float = 4.0, qkv_bias: bool = False,
+                 proj_drop: float = 0.0, attn_drop: float = 0.0, drop_path: float = 0.0,
+                 act_layer: Type[nn.Module] = nn.GELU, norm_layer: Type[nn.Module] = nn.LayerNorm,
+                 device=None, dtype=None, backend: Optional[str] = None):
+        super().__init__()
+        dd = {"device": device, "dtype": dtype}
+        self.norm1 = norm_layer(dim, **dd)
+        if not isinstance(self.norm1, nn.LayerNorm):
+            raise TypeError(f"norm_layer must build an nn.LayerNorm (the fused op folds it), got {type(self.norm1)}")
+        self.attn = CrossAttention(dim, num_heads=num_heads, qkv_bias=qkv_bias, attn_drop=attn_drop,
+                                   proj_drop=proj_drop, **dd)
+        self.drop_path = DropPath(drop_path) if drop_path > 0.0 else nn.Identity()
+        self.backend = backend
+
+    def forward(self, x: Tensor, x_tokens: Optional[Tensor] = None) -> Tensor:
+        if x_tokens is None:
+            if x.dim() != 3:
+                raise ValueError(f"expected x of shape (B, N, C), got {tuple(x.shape)}")
+            x_cls, x_tokens = x[:, 0], x[:, 1:]
+        else:
+            x_cls = x[:, 0] if x.dim() == 3 and x.shape[1] == 1 else x
+        return self.forward_cls(x_cls, x_tokens).unsqueeze(1)
+
+    def forward_cls(self, x_cls: Tensor, x_tokens: Tensor) -> Tensor:
+        """(B, C) query, (B, M, C) tokens -> (B, C) new CLS."""
+        a, n = self.attn, self.norm1
+        drop_active = self.training and (a.proj_drop.p > 0 or isinstance(self.drop_path, DropPath))
+        delta = _cross_attention(
+            x_cls, x_tokens, n.weight, n.bias, a.wq.weight, a.wq.bias, a.wk.weight, a.wk.bias,
+            a.wv.weight, a.wv.bias, a.proj.weight, a.proj.bias, a.num_heads, n.eps, self.backend,
+            residual=not drop_active, attn_drop=a.attn_drop.p, training=self.training)
+        if not drop_active:
+            return delta
+        return x_cls + self.drop_path(a.proj_drop(delta))
+
+
+class Attention(nn.Module):
+    """Multi-head self-attention with timm's parameter names (``qkv``, ``proj``), on SDPA."""
+
+    def __init__(self, dim: int, num_heads: int = 8, qkv_bias: bool = False, attn_drop: float = 0.0,
+                 proj_drop: float = 0.0, device=None, dtype=None):
+        super().__init__()
+        if dim % num_heads:
+            raise ValueError(f"num_heads={num_heads} must divide dim={dim}")
+        dd = {"device": device, "dtype": dtype}
+        self.num_heads = num_heads
+        self.head_dim = dim // num_heads
+        self.qkv = nn.Linear(dim, dim * 3, bias=qkv_bias, **dd)
+        self.attn_drop = nn.Dropout(attn_drop)
+        self.proj = nn.Linear(dim, dim, **dd)
+        self.proj_drop = nn.Dropout(proj_drop)
+
+    def forward(self, x: Tensor) -> Tensor:
+        B, N, C = x.shape
+        qkv = self.qkv(x).reshape(B, N, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
+        q, k, v = qkv.unbind(0)
+        x = F.scaled_dot_product_attention(q, k, v, dropout_p=self.attn_drop.p if self.training else 0.0)
+        x = x.transpose(1, 2).reshape(B, N, C)
+        return self.proj_drop(self.proj(x))
+
+
+class Mlp(nn.Module):
+    """timm's ``Mlp``: ``fc1``, activation, dropout, ``fc2``, dropout."""
+
+    def __init__(self, in_features: int, hidden_features: int, act_layer: Type[nn.Module] = nn.GELU,
+                 drop: float = 0.0, device=None, dtype=None):
+        super().__init__()
+        dd = {"device": device, "dtype": dtype}
+        self.fc1 = nn.Linear(in_features, hidden_features, **dd)
+        self.act = act_layer()
+        self.drop1 = nn.Dropout(drop)
+        self.fc2 = nn.Linear(hidden_features, in_features, **dd)
+        self.drop2 = nn.Dropout(drop)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.drop2(self.fc2(self.drop1(self.act(self.fc1(x)))))
+
+
+class Block(nn.Module):
+    """Pre-norm transformer encoder block with timm's parameter names
+    (``norm1``, ``attn.qkv``, ``attn.proj``, ``norm2``, ``mlp.fc1``, ``mlp.fc2``)."""
+
+    def __init__(self, dim: int, num_heads: int, mlp_ratio: float = 4.0, qkv_bias: bool = False,
+                 proj_drop: float = 0.0, attn_drop: float = 0.0, drop_path: float = 0.0,
+                 act_layer: Type[nn.Module] = nn.GELU, norm_layer: Type[nn.Module] = nn.LayerNorm,
+                 device=None, dtype=None):
+        super().__init__()
+        dd = {"device": device, "dtype": dtype}
+        self.norm1 = norm_layer(dim, **dd)
+        self.attn = Attention(dim, num_heads=num_heads, qkv_bias=qkv_bias, attn_drop=attn_drop,
+                              proj_drop=proj_drop, **dd)
+        self.drop_path1 = DropPath(drop_path) if drop_path > 0.0 else nn.Identity()
+        self.norm2 = norm_layer(dim, **dd)
+        self.mlp = Mlp(dim, int(dim * mlp_ratio), act_layer=act_layer, drop=proj_drop, **dd)
+        self.drop_path2 = DropPath(drop_path) if drop_path > 0.0 else nn.Identity()
+
+    def forward(self, x: Tensor) -> Tensor:
+        x = x + self.drop_path1(self.attn(self.norm1(x)))
+        x = x + self.drop_path2(self.mlp(self.norm2(x)))
+        return x
+
+
+class PatchEmbed(nn.Module):
+    """CrossViT's patch embedding with timm's parameter names (``proj`` is a Conv2d, or for the
+    dagger models an nn.Sequential of three convolutions with ReLU between).
+
+    ``forward(x)`` returns the patch tokens (B, P, C) like timm's; :meth:`forward_tokens` returns
+    the branch's whole token buffer (B, 1 + P, C) with the CLS row and position embedding, through
+    :func:`crossvit_kernels.ops.patch_embed` for the linear embedding.
+    """
+
+    def __init__(self, img_size: Union[int, Tuple[int, int]] = 224, patch_size: int = 16, in_chans: int = 3,
+                 embed_dim: int = 768, multi_conv: bool = False, device=None, dtype=None,
+                 backend: Optional[str] = None):
+        super().__init__()
+        dd = {"device": device, "dtype": dtype}
+        img_size, patch_size = _pair(img_size), _pair(patch_size)
+        self.img_size = img_size
+        self.patch_size = patch_size
+        self.grid_size = (img_size[0] // patch_size[0], img_size[1] // patch_size[1])
+        self.num_patches = self.grid_size[0] * self.grid_size[1]
+        self.multi_conv = multi_conv
+        self.backend = backend
+        if multi_conv:
+            if patch_size[0] == 12:
+                convs = [(embed_dim // 4, 7, 4, 3), (embed_dim // 2, 3, 3, 0), (embed_dim, 3, 1, 1)]
+            elif patch_size[0] == 16:
+                convs = [(embed_dim // 4, 7, 4, 3), (embed_dim // 2, 3, 2, 1), (embed_dim, 3, 2, 1)]
+            else:
+                raise ValueError(f"multi_conv (dagger) patch embedding supports patch sizes 12 and 16, "
+                                 f"got {patch_size[0]}")
+            layers, cin = [], in_chans
+            for i, (cout, k, s, p) in enumerate(convs):
+                layers.append(nn.Conv2d(cin, cout, kernel_size=k, stride=s, padding=p, **dd))
+                if i < 2:
+                    layers.append(nn.ReLU(inplace=True))
+                cin = cout
+            self.proj = nn.Sequential(*layers)
+        else:
+            self.proj = nn.Conv2d(in_chans, embed_dim, kernel_size=patch_size, stride=patch_size, **dd)
+
+    def _check(self, x: Tensor) -> None:
+        if x.dim() != 4:
+            raise ValueError(f"expected images of shape (B, C, H, W), got {tuple(x.shape)}")
+        if tuple(x.shape[-2:]) != self.img_size:
+            raise ValueError(f"Input image size ({x.shape[-2]}*{x.shape[-1]}) doesn't match model "
+                             f"({self.img_size[0]}*{self.img_size[1]}).")
+
+    def forward(self, x: Tensor) -> Tensor:
+        self._check(x)
+        return self.proj(x).flatten(2).transpose(1, 2)
+
+    def forward_tokens(self, x: Tensor, cls_token: Tensor, pos_embed: Tensor) -> Tensor:
+        """(B, Cin, H, W) -> (B, 1 + P, C): [cls + pos[0]; patches + pos[1:]]."""
+        self._check(x)
+        if not self.multi_conv:
+            return _patch_embed_op(x, self.proj.weight, self.proj.bias, pos_embed, cls_token, backend=self.backend)
+        t = self.proj(x).flatten(2).transpose(1, 2)
+        B = t.shape[0]
+        return torch.cat([cls_token.expand(B, -1, -1), t], dim=1) + pos_embed
