@@ -49,6 +49,9 @@ def _acc(dtype: torch.dtype) -> torch.dtype:
 
 
 def _stats(x: Tensor, eps: float) -> Tuple[Tensor, Tensor, Tensor]:
+    if x.numel() == 0:  # no patch tokens: nothing to normalise
+        empty = x.new_empty(x.shape[:-1])
+        return x.clone(), empty, empty.clone()
     var, mean = torch.var_mean(x, dim=-1, correction=0)
     rstd = torch.rsqrt(var + eps)
     return (x - mean.unsqueeze(-1)) * rstd.unsqueeze(-1), mean, rstd

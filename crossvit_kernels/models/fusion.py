@@ -27,10 +27,11 @@ there), as in the paper's cross-attention formulation and timm's implementation.
 
 ``all_attention``:
     y   = [ f^0(x^0) ; x^1 ]                     all tokens of both branches in width C1
-    o   = y + MSA(LN(y))                          one self-attention layer over all 2 + P0 + P1 tokens
+    o   = Block(y)                                one full transformer layer (self-attention + MLP,
+                                                  pre-norm, residuals) over all 2 + P0 + P1 tokens
     x^0 <- g^0(o[:, :1 + P0]);  x^1 <- o[:, 1 + P0:]
-  with MSA = ``fusion`` (an ``AllAttentionBlock``: ``norm1``, ``attn.qkv``, ``attn.proj``, the heads of
-  branch 1). Quadratic in the total number of tokens: by far the most expensive.
+  with ``fusion`` an ``AllAttentionBlock`` (``norm1``, ``attn.qkv``, ``attn.proj``, ``norm2``, ``mlp``;
+  branch 1's heads and MLP ratio). Quadratic in the total number of tokens: by far the most expensive.
 
 ``none``: no fusion; the branches only meet at the head (their logits are averaged).
 """
@@ -42,7 +43,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ..modules import Attention, CrossAttentionBlock, DropPath
+from ..modules import Block, CrossAttentionBlock
 
 Tensor = torch.Tensor
 
@@ -60,20 +61,9 @@ def projection(dim_in: int, dim_out: int, norm_layer, act_layer, dd) -> nn.Seque
     return nn.Sequential(norm_layer(dim_in, **dd), act_layer(), nn.Linear(dim_in, dim_out, **dd))
 
 
-class AllAttentionBlock(nn.Module):
-    """o = y + drop_path(MSA(LN(y))): the all-attention fusion's self-attention layer."""
-
-    def __init__(self, dim: int, num_heads: int, qkv_bias: bool, proj_drop: float, attn_drop: float,
-                 drop_path: float, norm_layer, dd):
-        super().__init__()
-        self.norm1 = norm_layer(dim, **dd)
-        self.attn = Attention(dim, num_heads=num_heads, qkv_bias=qkv_bias, attn_drop=attn_drop,
-                              proj_drop=proj_drop, **dd)
-        self.drop_path = DropPath(drop_path) if drop_path > 0.0 else nn.Identity()
-
-    def forward(self, y: Tensor) -> Tensor:
-        return y + self.drop_path(self.attn(self.norm1(y)))
-
+class AllAttentionBlock(Block):
+    """The all-attention fusion's transformer layer over all tokens of both branches:
+    o = y + MSA(LN(y)); o = o + MLP(LN(o)) (timm's ``Block`` parameter names)."""
 
 def resample_tokens(p: Tensor, src_grid: Tuple[int, int], dst_grid: Tuple[int, int]) -> Tensor:
     """(B, Hs*Ws, C) patch tokens on src_grid -> (B, Hd*Wd, C) on dst_grid, bilinear."""
@@ -111,8 +101,9 @@ class Fusion(nn.Module):
             raise ValueError(f"fusion {self.kind!r} is defined for two branches, got {nb}")
         if self.kind == "all_attention":
             self.projs = nn.ModuleList([projection(dim[0], dim[1], norm_layer, act_layer, dd)])
-            self.fusion = AllAttentionBlock(dim[1], num_heads[1], qkv_bias, proj_drop, attn_drop, drop_path,
-                                            norm_layer, dd)
+            self.fusion = AllAttentionBlock(dim[1], num_heads[1], mlp_ratio=mlp_ratio[1], qkv_bias=qkv_bias,
+                                            proj_drop=proj_drop, attn_drop=attn_drop, drop_path=drop_path,
+                                            act_layer=act_layer, norm_layer=norm_layer, **dd)
             self.revert_projs = nn.ModuleList([projection(dim[1], dim[0], norm_layer, act_layer, dd)])
             return
         self.projs = nn.ModuleList([projection(dim[d], dim[(d + 1) % nb], norm_layer, act_layer, dd)

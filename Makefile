@@ -1,0 +1,42 @@
+# The two commands of the README. Each creates .venv if missing, installs the pinned stack
+# (requirements-dev.txt) and the package (building the optional compiled extension), then runs.
+#   make test    the whole test suite (CPU; Triton kernels under TRITON_INTERPRET=1)
+#   make bench   the benchmark suite: prints tables, writes JSON + plots to benchmarks/out/
+# Variables: PYTHON (interpreter that creates the venv), PYTEST_ARGS, BENCH_ARGS,
+# CROSSVIT_KERNELS_NO_EXT=1 (skip the extension build), MAX_JOBS (build parallelism).
+
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+PIP := $(PY) -m pip
+export PIP_DISABLE_PIP_VERSION_CHECK := 1
+export MAX_JOBS ?= 2
+
+EXT_SOURCES := $(wildcard csrc/*.cpp csrc/*.h csrc/*.cu csrc/*.cuh)
+
+.PHONY: test bench install info clean
+
+$(VENV)/.deps-stamp: requirements-dev.txt
+	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PIP) install --quiet --upgrade pip
+	$(PIP) install --quiet -r requirements-dev.txt
+	@touch $@
+
+$(VENV)/.pkg-stamp: $(VENV)/.deps-stamp setup.py pyproject.toml $(EXT_SOURCES)
+	$(PIP) install --quiet --no-build-isolation --no-deps -e .
+	@touch $@
+
+install: $(VENV)/.pkg-stamp
+
+test: install
+	$(PY) -m crossvit_kernels.info
+	$(PY) -m pytest tests $(PYTEST_ARGS)
+
+bench: install
+	$(PY) benchmarks/run.py $(BENCH_ARGS)
+
+info: install
+	$(PY) -m crossvit_kernels.info
+
+clean:
+	rm -rf build *.egg-info crossvit_kernels/*.so benchmarks/out $(VENV)/.pkg-stamp
