@@ -18,7 +18,6 @@ Ops (namespace ``crossvit_kernels``):
 
 The shapes and the math are documented in ``crossvit_kernels.impl.torch_impl``.
 """
-from __future__ import annotations
 
 from typing import List, Optional, Tuple
 
