@@ -70,7 +70,7 @@ def cross_attention_core_forward(x_cls: Tensor, x_tokens: Tensor, w: Tensor, eps
     z = a0.unsqueeze(-1) * xh0.unsqueeze(1) + torch.einsum("bhm,bmc->bhc", at, xht)
     mean = torch.cat([mean0.unsqueeze(1), meant], dim=1)
     rstd = torch.cat([rstd0.unsqueeze(1), rstdt], dim=1)
-    return z, lse, mean, rstd
+    return z.contiguous(), lse.contiguous(), mean, rstd
 
 
 def _layer_norm_backward(dxh: Tensor, xh: Tensor, rstd: Tensor) -> Tensor:
@@ -93,7 +93,7 @@ def cross_attention_core_backward(x_cls, x_tokens, w, z, lse, mean, rstd, dz):
     dx_cls = _layer_norm_backward(dxh0, xh0, rstd[:, 0])
     dx_tokens = _layer_norm_backward(dxht, xht, rstd[:, 1:])
     dw = ds0.unsqueeze(-1) * xh0.unsqueeze(1) + torch.einsum("bhm,bmc->bhc", dst, xht)
-    return dx_cls.to(x_cls.dtype), dx_tokens.to(x_tokens.dtype).contiguous(), dw
+    return dx_cls.to(x_cls.dtype).contiguous(), dx_tokens.to(x_tokens.dtype).contiguous(), dw.contiguous()
 
 
 # ----------------------------------------------------------------------------------------------
@@ -138,5 +138,5 @@ def patch_embed_backward(grad_out: Tensor, images: Tensor, weight: Tensor, has_b
         d_patches = g_tok @ weight.reshape(C, -1).to(acc)                # (B, P, K)
         d_images = (d_patches.reshape(B, H // ph, W // pw, Cin, ph, pw).permute(0, 3, 1, 4, 2, 5)
                     .reshape(B, Cin, H, W).to(images.dtype))
-    return (d_images, d_weight.to(weight.dtype), None if d_bias is None else d_bias.to(weight.dtype),
+    return (d_images, d_weight.to(weight.dtype).contiguous(), None if d_bias is None else d_bias.to(weight.dtype),
             d_pos.to(weight.dtype), d_cls.to(weight.dtype))

@@ -76,7 +76,7 @@ def cross_attention_core_backward(x_cls: Tensor, x_tokens: Tensor, w: Tensor, z:
 def _(x_cls, x_tokens, w, z, lse, mean, rstd, dz, backend):
     B, M, C = x_tokens.shape
     return (torch.empty_like(x_cls, memory_format=torch.contiguous_format),
-            x_tokens.new_empty((B, M, C)), torch.empty_like(w, dtype=_acc(x_cls.dtype)))
+            x_tokens.new_empty((B, M, C)), torch.empty(tuple(w.shape), dtype=_acc(x_cls.dtype), device=w.device))
 
 
 def _xattn_setup_context(ctx, inputs, output):
