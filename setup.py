@@ -85,7 +85,7 @@ def _extensions_and_cmdclass():
     exts = [
         tce.CppExtension(
             "crossvit_kernels._C_cpu",
-            ["csrc/cpu/crossvit_cpu.cpp"],
+            ["csrc/crossvit_cpu.cpp"],
             extra_compile_args={"cxx": cxx_flags},
         )
     ]
@@ -104,7 +104,7 @@ def _extensions_and_cmdclass():
         exts.append(
             tce.CUDAExtension(
                 "crossvit_kernels._C_cuda",
-                ["csrc/cuda/crossvit_cuda.cu"],
+                ["csrc/crossvit_cuda.cu"],
                 include_dirs=_pip_cuda_include_dirs(torch),
                 extra_compile_args={"cxx": ["-O3", "-g0", "-fvisibility=hidden"],
                                     "nvcc": ["-O3", "-std=c++20", "--expt-relaxed-constexpr"]},

@@ -1,0 +1,947 @@
+// CPU kernels of crossvit-kernels (backend "cpp"): the one-pass single-query cross-attention core
+// (DESIGN.md section 2) and the linear patch embedding (section 3). The math of every function is
+// specified by crossvit_kernels/impl/torch_impl.py; the Python side reaches it only through
+// crossvit_kernels/_ext.py.
+//
+// Cross-attention core, per batch row b and token i = 0..N-1 (token 0 is x_cls[b], token i >= 1
+// is x_tokens[b, i-1], any strides, never copied as a whole):
+//   forward : each token is read once; its LayerNorm statistics, its H scores, an online softmax
+//             per head and the weighted sums z_h are updated from a tile of tokens held in L1.
+//   backward: each token is read once and its gradient written once.
+// Parallel over work items (batch row, token split). The number of splits depends on the shapes
+// only, never on the thread count, and partial results are combined in split order, so the
+// results are bitwise identical for any number of threads.
+//
+// Vectorisation: the hot loops work on 8-float vectors (GCC/Clang vector extensions). On x86-64
+// with GCC they are compiled three times (x86-64-v4, x86-64-v3 = AVX2+FMA, baseline) and the
+// best clone for the running CPU is picked at load time, so the extension needs no -march flag.
+
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <c10/core/GradMode.h>
+#include <c10/util/BFloat16.h>
+#include <c10/util/Half.h>
+#include <torch/csrc/utils/pybind.h>
+
+#include <algorithm>
+#include <atomic>
+#include <cmath>
+#include <cstring>
+#include <limits>
+#include <optional>
+#include <tuple>
+#include <type_traits>
+#include <vector>
+
+namespace cvk {
+namespace {
+
+using at::Tensor;
+
+#if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__) && defined(__linux__) && \
+    !defined(CVK_NO_CLONES)
+#define CVK_HOT __attribute__((noinline, target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
+#else
+#define CVK_HOT __attribute__((noinline))
+#endif
+#define CVK_INLINE inline __attribute__((always_inline))
+
+// ------------------------------------------------------------------------------------------------
+// 8-float vectors
+// ------------------------------------------------------------------------------------------------
+constexpr int64_t V = 8;
+typedef float vf __attribute__((vector_size(32)));
+
+CVK_INLINE vf vload(const float* p) {
+  vf v;
+  std::memcpy(&v, p, sizeof(v));
+  return v;
+}
+CVK_INLINE void vstore(float* p, vf v) { std::memcpy(p, &v, sizeof(v)); }
+// Broadcast. Written as a shuffle of lane 0: GCC expands the plain {x, x, ...} initializer into
+// eight lane inserts inside target_clones functions, but the shuffle into one vbroadcastss.
+CVK_INLINE vf vset(float x) {
+#if defined(__clang__) || (defined(__GNUC__) && __GNUC__ >= 12)
+  const vf v = {x};
+  return __builtin_shufflevector(v, v, 0, 0, 0, 0, 0, 0, 0, 0);
+#else
+  return vf{x, x, x, x, x, x, x, x};
+#endif
+}
+CVK_INLINE float hsum(vf v) {
+  return ((v[0] + v[4]) + (v[1] + v[5])) + ((v[2] + v[6]) + (v[3] + v[7]));
+}
+
+constexpr int64_t kTile = 8;          // tokens per tile
+constexpr int64_t kTargetItems = 64;  // work items aimed at when splitting tokens (fixed: determinism)
+constexpr int64_t kPrefetch = 6;      // tokens read ahead (software prefetch distance)
+
+inline int64_t round_up(int64_t x, int64_t m) { return (x + m - 1) / m * m; }
+
+// ------------------------------------------------------------------------------------------------
+// hot loops; rows are padded to Cp (a multiple of 8) with zeros
+// ------------------------------------------------------------------------------------------------
+
+// d = row - mean (the centred token, not yet scaled by rstd); writes mean and rstd.
+// row[C..Cp) must be 0; d[C..Cp) = 0. Two-pass statistics (mean, then the mean of squared
+// deviations) as torch's var_mean; four accumulators per pass to hide the add latency.
+CVK_HOT void ln_center_row(const float* row, int64_t C, int64_t Cp, float eps, float* d,
+                           float* mean_out, float* rstd_out) {
+  vf a0 = vset(0.f), a1 = a0, a2 = a0, a3 = a0;
+  int64_t c = 0;
+  for (; c + 4 * V <= Cp; c += 4 * V) {
+    a0 += vload(row + c);
+    a1 += vload(row + c + V);
+    a2 += vload(row + c + 2 * V);
+    a3 += vload(row + c + 3 * V);
+  }
+  for (; c < Cp; c += V) a0 += vload(row + c);
+  const float mean = hsum((a0 + a1) + (a2 + a3)) / static_cast<float>(C);
+  const vf vm = vset(mean);
+  vf q0 = vset(0.f), q1 = q0, q2 = q0, q3 = q0;
+  const int64_t Cf = C / V * V;  // the chunks without padding
+  for (c = 0; c + 4 * V <= Cf; c += 4 * V) {
+    const vf d0 = vload(row + c) - vm, d1 = vload(row + c + V) - vm;
+    const vf d2 = vload(row + c + 2 * V) - vm, d3 = vload(row + c + 3 * V) - vm;
+    vstore(d + c, d0);
+    vstore(d + c + V, d1);
+    vstore(d + c + 2 * V, d2);
+    vstore(d + c + 3 * V, d3);
+    q0 += d0 * d0;
+    q1 += d1 * d1;
+    q2 += d2 * d2;
+    q3 += d3 * d3;
+  }
+  for (; c < Cf; c += V) {
+    const vf d0 = vload(row + c) - vm;
+    vstore(d + c, d0);
+    q0 += d0 * d0;
+  }
+  if (Cf < Cp) {  // the padded chunk: deviations of the padding are 0, not -mean
+    vstore(d + Cf, vload(row + Cf) - vm);
+    for (int64_t k = C; k < Cp; ++k) d[k] = 0.f;
+    const vf d0 = vload(d + Cf);
+    q1 += d0 * d0;
+  }
+  const float var = hsum((q0 + q1) + (q2 + q3)) / static_cast<float>(C);
+  *mean_out = mean;
+  *rstd_out = 1.f / std::sqrt(var + eps);
+}
+
+// xh = (row - mean) * rstd with saved statistics; xh[C..Cp) = 0.
+CVK_HOT void ln_apply_row(const float* row, int64_t C, int64_t Cp, float mean, float rstd, float* xh) {
+  const vf vm = vset(mean), vr = vset(rstd);
+  for (int64_t c = 0; c < Cp; c += V) vstore(xh + c, (vload(row + c) - vm) * vr);
+  for (int64_t c = C; c < Cp; ++c) xh[c] = 0.f;
+}
+
+// Scores of two tokens (x0, x1) against NH heads: 2 * NH independent accumulation chains.
+template <int NH>
+CVK_INLINE void scores_group(const float* x0, const float* x1, const float* w, int64_t Cp, float* r0, float* r1) {
+  vf a[NH], b[NH];
+  for (int k = 0; k < NH; ++k) a[k] = b[k] = vset(0.f);
+  for (int64_t c = 0; c < Cp; c += V) {
+    const vf p = vload(x0 + c), q = vload(x1 + c);
+    for (int k = 0; k < NH; ++k) {
+      const vf v = vload(w + k * Cp + c);
+      a[k] += p * v;
+      b[k] += q * v;
+    }
+  }
+  for (int k = 0; k < NH; ++k) {
+    r0[k] = hsum(a[k]);
+    r1[k] = hsum(b[k]);
+  }
+}
+
+// s[t*H + h] = w_h . xh_t for t < nt (pairs of tokens x groups of up to four heads).
+CVK_HOT void tile_scores(const float* xh, int64_t nt, int64_t Cp, const float* w, int64_t H, float* s) {
+  float r0[4], r1[4];
+  for (int64_t t = 0; t < nt; t += 2) {
+    const float* x0 = xh + t * Cp;
+    const float* x1 = (t + 1 < nt) ? x0 + Cp : x0;
+    for (int64_t h = 0; h < H; h += 4) {
+      const int64_t nh = std::min<int64_t>(4, H - h);
+      const float* wh = w + h * Cp;
+      switch (nh) {
+        case 4: scores_group<4>(x0, x1, wh, Cp, r0, r1); break;
+        case 3: scores_group<3>(x0, x1, wh, Cp, r0, r1); break;
+        case 2: scores_group<2>(x0, x1, wh, Cp, r0, r1); break;
+        default: scores_group<1>(x0, x1, wh, Cp, r0, r1); break;
+      }
+      for (int64_t k = 0; k < nh; ++k) {
+        s[t * H + h + k] = r0[k];
+        if (t + 1 < nt) s[(t + 1) * H + h + k] = r1[k];
+      }
+    }
+  }
+}
+
+// s[t*H + h] = w_h . xh_t and e[t*H + h] = dz_h . xh_t (two tokens x two heads x two matrices).
+CVK_HOT void tile_scores2(const float* xh, int64_t nt, int64_t Cp, const float* w, const float* dz,
+                          int64_t H, float* s, float* e) {
+  for (int64_t t = 0; t < nt; t += 2) {
+    const float* x0 = xh + t * Cp;
+    const float* x1 = (t + 1 < nt) ? x0 + Cp : x0;
+    for (int64_t h = 0; h < H; h += 2) {
+      const int64_t h1 = std::min(h + 1, H - 1);
+      const float* w0 = w + h * Cp;
+      const float* w1 = w + h1 * Cp;
+      const float* d0 = dz + h * Cp;
+      const float* d1 = dz + h1 * Cp;
+      vf s00 = vset(0.f), s01 = s00, s10 = s00, s11 = s00, e00 = s00, e01 = s00, e10 = s00, e11 = s00;
+      for (int64_t c = 0; c < Cp; c += V) {
+        const vf p = vload(x0 + c), q = vload(x1 + c);
+        const vf v0 = vload(w0 + c), v1 = vload(w1 + c), g0 = vload(d0 + c), g1 = vload(d1 + c);
+        s00 += p * v0; s01 += p * v1; s10 += q * v0; s11 += q * v1;
+        e00 += p * g0; e01 += p * g1; e10 += q * g0; e11 += q * g1;
+      }
+      s[t * H + h] = hsum(s00);
+      e[t * H + h] = hsum(e00);
+      if (h + 1 < H) {
+        s[t * H + h + 1] = hsum(s01);
+        e[t * H + h + 1] = hsum(e01);
+      }
+      if (t + 1 < nt) {
+        s[(t + 1) * H + h] = hsum(s10);
+        e[(t + 1) * H + h] = hsum(e10);
+        if (h + 1 < H) {
+          s[(t + 1) * H + h + 1] = hsum(s11);
+          e[(t + 1) * H + h + 1] = hsum(e11);
+        }
+      }
+    }
+  }
+}
+
+// acc_h += sum_t p[t*H + h] * xh_t for every head h, tokens in a fixed order (two interleaved
+// chains per full tile to halve the add latency).
+CVK_INLINE void accumulate_one_head(const float* xh, int64_t nt, int64_t Cp, const float* coef, float* a) {
+  if (nt == kTile) {
+    const vf c0 = vset(coef[0]), c1 = vset(coef[1]), c2 = vset(coef[2]), c3 = vset(coef[3]);
+    const vf c4 = vset(coef[4]), c5 = vset(coef[5]), c6 = vset(coef[6]), c7 = vset(coef[7]);
+    for (int64_t c = 0; c < Cp; c += V) {
+      vf r = vload(a + c), u = c1 * vload(xh + Cp + c);
+      r += c0 * vload(xh + c);
+      u += c3 * vload(xh + 3 * Cp + c);
+      r += c2 * vload(xh + 2 * Cp + c);
+      u += c5 * vload(xh + 5 * Cp + c);
+      r += c4 * vload(xh + 4 * Cp + c);
+      u += c7 * vload(xh + 7 * Cp + c);
+      r += c6 * vload(xh + 6 * Cp + c);
+      vstore(a + c, r + u);
+    }
+  } else {
+    for (int64_t c = 0; c < Cp; c += V) {
+      vf r = vload(a + c);
+      for (int64_t t = 0; t < nt; ++t) r += vset(coef[t]) * vload(xh + t * Cp + c);
+      vstore(a + c, r);
+    }
+  }
+}
+
+CVK_HOT void tile_accumulate(const float* xh, int64_t nt, int64_t Cp, const float* p, int64_t H, float* acc) {
+  for (int64_t h = 0; h < H; ++h) {
+    float coef[kTile];
+    for (int64_t t = 0; t < nt; ++t) coef[t] = p[t * H + h];
+    accumulate_one_head(xh, nt, Cp, coef, acc + h * Cp);
+  }
+}
+
+CVK_HOT void scale_row(float* a, int64_t Cp, float alpha) {
+  const vf va = vset(alpha);
+  for (int64_t c = 0; c < Cp; c += V) vstore(a + c, vload(a + c) * va);
+}
+
+CVK_HOT float dot_row(const float* a, const float* b, int64_t Cp) {
+  vf acc = vset(0.f);
+  for (int64_t c = 0; c < Cp; c += V) acc += vload(a + c) * vload(b + c);
+  return hsum(acc);
+}
+
+// Gradient of one token: dxh = sum_h a_h dz_h + ds_h w_h, then the LayerNorm backward
+// dx = rstd * (dxh - mean(dxh) - xh * mean(dxh * xh)), written to dx (fp32, Cp wide).
+CVK_HOT void token_grad(const float* xh, int64_t C, int64_t Cp, const float* a, const float* ds,
+                        const float* dz, const float* w, int64_t H, float rstd, float* dx) {
+  vf s1 = vset(0.f), s2 = vset(0.f);
+  int64_t c = 0;
+  for (; c + 4 * V <= Cp; c += 4 * V) {  // 8 independent chains per head step
+    vf ga0 = vset(0.f), ga1 = ga0, ga2 = ga0, ga3 = ga0, gs0 = ga0, gs1 = ga0, gs2 = ga0, gs3 = ga0;
+    for (int64_t h = 0; h < H; ++h) {
+      const vf ah = vset(a[h]), dh = vset(ds[h]);
+      const float* zr = dz + h * Cp + c;
+      const float* wr = w + h * Cp + c;
+      ga0 += ah * vload(zr);
+      ga1 += ah * vload(zr + V);
+      ga2 += ah * vload(zr + 2 * V);
+      ga3 += ah * vload(zr + 3 * V);
+      gs0 += dh * vload(wr);
+      gs1 += dh * vload(wr + V);
+      gs2 += dh * vload(wr + 2 * V);
+      gs3 += dh * vload(wr + 3 * V);
+    }
+    const vf g0 = ga0 + gs0, g1 = ga1 + gs1, g2 = ga2 + gs2, g3 = ga3 + gs3;
+    vstore(dx + c, g0);
+    vstore(dx + c + V, g1);
+    vstore(dx + c + 2 * V, g2);
+    vstore(dx + c + 3 * V, g3);
+    s1 += (g0 + g1) + (g2 + g3);
+    s2 += (g0 * vload(xh + c) + g1 * vload(xh + c + V)) + (g2 * vload(xh + c + 2 * V) + g3 * vload(xh + c + 3 * V));
+  }
+  for (; c < Cp; c += V) {
+    vf ga = vset(0.f), gs = vset(0.f);
+    for (int64_t h = 0; h < H; ++h) {
+      ga += vset(a[h]) * vload(dz + h * Cp + c);
+      gs += vset(ds[h]) * vload(w + h * Cp + c);
+    }
+    const vf g = ga + gs;
+    vstore(dx + c, g);
+    s1 += g;
+    s2 += g * vload(xh + c);
+  }
+  const vf m1 = vset(hsum(s1) / static_cast<float>(C));
+  const vf m2 = vset(hsum(s2) / static_cast<float>(C));
+  const vf vr = vset(rstd);
+  for (int64_t c = 0; c < Cp; c += V) vstore(dx + c, vr * (vload(dx + c) - m1 - vload(xh + c) * m2));
+}
+
+// ------------------------------------------------------------------------------------------------
+// dtype conversion at the edges (rows of C elements, any element stride)
+// ------------------------------------------------------------------------------------------------
+template <typename T>
+inline void load_row(const T* src, int64_t stride, int64_t C, int64_t Cp, float* dst) {
+  if constexpr (std::is_same_v<T, float>) {
+    if (stride == 1) {
+      std::memcpy(dst, src, sizeof(float) * C);
+    } else {
+      for (int64_t c = 0; c < C; ++c) dst[c] = src[c * stride];
+    }
+  } else {
+    if (stride == 1) {
+      for (int64_t c = 0; c < C; ++c) dst[c] = static_cast<float>(src[c]);
+    } else {
+      for (int64_t c = 0; c < C; ++c) dst[c] = static_cast<float>(src[c * stride]);
+    }
+  }
+  for (int64_t c = C; c < Cp; ++c) dst[c] = 0.f;
+}
+
+// The fp32 row of a token: the source itself when it is a contiguous float32 row of a multiple of
+// 8 elements (no copy), else a converted, zero-padded copy in buf.
+template <typename T>
+inline const float* token_row(const T* src, int64_t stride, int64_t C, int64_t Cp, float* buf) {
+  if constexpr (std::is_same_v<T, float>) {
+    if (stride == 1 && C == Cp) return src;
+  }
+  load_row(src, stride, C, Cp, buf);
+  return buf;
+}
+
+// A prefetch the optimiser keeps: a loop of plain __builtin_prefetch calls has no side effect and
+// C++'s forward-progress rule lets GCC delete it.
+CVK_INLINE void prefetch_line(const char* p) {
+#if defined(__GNUC__) && defined(__x86_64__)
+  asm volatile("prefetcht0 %0" : : "m"(*p));
+#else
+  __builtin_prefetch(p, 0, 3);
+#endif
+}
+
+// Ask for the rows of the next tile early (one prefetch per cache line of each row).
+template <typename T>
+inline void prefetch_rows(const T* first, int64_t row_stride, int64_t rows, int64_t C, int64_t stride) {
+  if (stride != 1) return;
+  const int64_t bytes = C * static_cast<int64_t>(sizeof(T));
+  for (int64_t j = 0; j < rows; ++j) {
+    const char* p = reinterpret_cast<const char*>(first + j * row_stride);
+    for (int64_t o = 0; o < bytes; o += 64) prefetch_line(p + o);
+  }
+}
+
+template <typename T>
+inline void store_row(const float* src, int64_t C, T* dst) {
+  if constexpr (std::is_same_v<T, float>) {
+    std::memcpy(dst, src, sizeof(float) * C);
+  } else {
+    for (int64_t c = 0; c < C; ++c) dst[c] = static_cast<T>(src[c]);
+  }
+}
+
+// ------------------------------------------------------------------------------------------------
+// input checks
+// ------------------------------------------------------------------------------------------------
+const char* dtype_name(at::ScalarType t) { return c10::toString(t); }
+
+void check_cpu(const Tensor& t, const char* name) {
+  TORCH_CHECK(t.defined(), name, " is undefined; pass a tensor");
+  TORCH_CHECK(t.device().is_cpu(), name, " must be a CPU tensor for the cpp backend, got a tensor on ",
+              t.device(), "; move it with .cpu() or use backend='cuda'/'triton' for CUDA tensors");
+}
+
+void check_f32(const Tensor& t, const char* name) {
+  check_cpu(t, name);
+  TORCH_CHECK(t.scalar_type() == at::kFloat, name, " must be float32 (the saved statistics and the absorbed ",
+              "query are float32), got ", dtype_name(t.scalar_type()), "; cast it with .float()");
+}
+
+void check_shape(const Tensor& t, const char* name, at::IntArrayRef expected) {
+  TORCH_CHECK(t.sizes().equals(expected), name, " must have shape ", expected, ", got ", t.sizes());
+}
+
+struct XShape {
+  int64_t B, M, N, C, Cp, H;
+};
+
+XShape check_xattn_inputs(const Tensor& x_cls, const Tensor& x_tokens, const Tensor& w) {
+  check_cpu(x_cls, "x_cls");
+  check_cpu(x_tokens, "x_tokens");
+  check_f32(w, "w");
+  TORCH_CHECK(x_cls.dim() == 2, "x_cls must have shape (B, C), got ", x_cls.sizes());
+  TORCH_CHECK(x_tokens.dim() == 3, "x_tokens must have shape (B, M, C), got ", x_tokens.sizes());
+  TORCH_CHECK(w.dim() == 3, "w must have shape (B, H, C), got ", w.sizes());
+  const auto st = x_cls.scalar_type();
+  TORCH_CHECK(st == at::kFloat || st == at::kBFloat16 || st == at::kHalf,
+              "x_cls must be float32, bfloat16 or float16 for the cpp backend, got ", dtype_name(st),
+              " (use backend='torch' for float64)");
+  TORCH_CHECK(x_tokens.scalar_type() == st, "x_tokens must have the dtype of x_cls (", dtype_name(st), "), got ",
+              dtype_name(x_tokens.scalar_type()));
+  XShape s;
+  s.B = x_cls.size(0);
+  s.C = x_cls.size(1);
+  s.M = x_tokens.size(1);
+  s.N = s.M + 1;
+  s.H = w.size(1);
+  s.Cp = round_up(std::max<int64_t>(s.C, 1), V);
+  TORCH_CHECK(s.B >= 1 && s.C >= 1, "x_cls must have B >= 1 rows of width C >= 1, got ", x_cls.sizes());
+  TORCH_CHECK(x_tokens.size(0) == s.B && x_tokens.size(2) == s.C, "x_tokens must have shape (", s.B, ", M, ", s.C,
+              ") to match x_cls ", x_cls.sizes(), ", got ", x_tokens.sizes());
+  TORCH_CHECK(w.size(0) == s.B && w.size(2) == s.C && s.H >= 1, "w must have shape (", s.B, ", H, ", s.C,
+              ") with H >= 1, got ", w.sizes());
+  return s;
+}
+
+// Runs fn once on each thread of ATen's pool. The work items are handed out dynamically (an atomic
+// counter) so a thread that the OS descheduled on a busy machine does not hold the others at the
+// barrier; which thread runs an item never changes its result, and items are combined in order.
+template <typename F>
+void for_each_thread(const F& fn) {
+  const int64_t n = at::in_parallel_region() ? 1 : at::get_num_threads();
+  at::parallel_for(0, n, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t t = begin; t < end; ++t) fn();
+  });
+}
+
+// Number of token splits per batch row: a function of the shapes only (never of the thread count).
+int64_t num_splits(int64_t B, int64_t N) {
+  const int64_t want = (kTargetItems + B - 1) / B;
+  const int64_t most = std::max<int64_t>(1, N / (4 * kTile));
+  return std::max<int64_t>(1, std::min(want, most));
+}
+
+Tensor padded_f32(const Tensor& t, int64_t C, int64_t Cp) {
+  Tensor f = t.to(at::kFloat).contiguous();
+  if (Cp != C) f = at::constant_pad_nd(f, {0, Cp - C}, 0).contiguous();
+  return f;
+}
+
+// ------------------------------------------------------------------------------------------------
+// cross-attention core: forward
+// ------------------------------------------------------------------------------------------------
+template <typename T>
+void xattn_forward_impl(const Tensor& x_cls, const Tensor& x_tokens, const Tensor& wp, float eps, const XShape& s,
+                        Tensor& z, Tensor& lse, Tensor& mean, Tensor& rstd) {
+  const int64_t B = s.B, N = s.N, C = s.C, Cp = s.Cp, H = s.H;
+  const int64_t S = num_splits(B, N);
+  const int64_t chunk = (N + S - 1) / S;
+  const T* cls = x_cls.data_ptr<T>();
+  const T* tok = x_tokens.data_ptr<T>();
+  const int64_t cls_sb = x_cls.stride(0), cls_sc = x_cls.stride(1);
+  const int64_t tok_sb = x_tokens.stride(0), tok_sm = x_tokens.stride(1), tok_sc = x_tokens.stride(2);
+  const float* w = wp.data_ptr<float>();
+  float* z_out = z.data_ptr<float>();
+  float* lse_out = lse.data_ptr<float>();
+  float* mean_out = mean.data_ptr<float>();
+  float* rstd_out = rstd.data_ptr<float>();
+  // partial results of the splits (only when a row is split)
+  std::vector<float> part_m, part_l, part_z;
+  if (S > 1) {
+    part_m.resize(B * S * H);
+    part_l.resize(B * S * H);
+    part_z.resize(B * S * H * Cp);
+  }
+  const float ninf = -std::numeric_limits<float>::infinity();
+
+  std::atomic<int64_t> next_item{0};
+  for_each_thread([&]() {
+    std::vector<float> row(Cp), xh(kTile * Cp), acc(H * Cp), sc(kTile * H), m(H), l(H);
+    float rs[kTile];
+    for (int64_t item = next_item++; item < B * S; item = next_item++) {
+      const int64_t b = item / S, split = item % S;
+      const int64_t i0 = split * chunk, i1 = std::min(N, i0 + chunk);
+      const float* wb = w + b * H * Cp;
+      std::fill(acc.begin(), acc.end(), 0.f);
+      std::fill(m.begin(), m.end(), ninf);
+      std::fill(l.begin(), l.end(), 0.f);
+      for (int64_t t0 = i0; t0 < i1; t0 += kTile) {
+        const int64_t nt = std::min(kTile, i1 - t0);
+        for (int64_t j = 0; j < nt; ++j) {
+          const int64_t i = t0 + j;
+          if (i + kPrefetch < i1) prefetch_rows(tok + b * tok_sb + (i + kPrefetch - 1) * tok_sm, tok_sm, 1, C, tok_sc);
+          const float* r = (i == 0) ? token_row(cls + b * cls_sb, cls_sc, C, Cp, row.data())
+                                    : token_row(tok + b * tok_sb + (i - 1) * tok_sm, tok_sc, C, Cp, row.data());
+          ln_center_row(r, C, Cp, eps, xh.data() + j * Cp, mean_out + b * N + i, rs + j);
+          rstd_out[b * N + i] = rs[j];
+        }
+        // scores of the centred rows, scaled by rstd: w_h . xh = rstd * (w_h . (x - mean))
+        tile_scores(xh.data(), nt, Cp, wb, H, sc.data());
+        for (int64_t j = 0; j < nt; ++j)
+          for (int64_t h = 0; h < H; ++h) sc[j * H + h] *= rs[j];
+        // online softmax per head: rescale the running sums only when the running max grows;
+        // z accumulates the centred rows with coefficients p * rstd
+        for (int64_t h = 0; h < H; ++h) {
+          float mt = sc[h];
+          for (int64_t j = 1; j < nt; ++j) mt = std::max(mt, sc[j * H + h]);
+          if (mt > m[h]) {
+            if (m[h] != ninf) {
+              const float alpha = std::exp(m[h] - mt);
+              l[h] *= alpha;
+              scale_row(acc.data() + h * Cp, Cp, alpha);
+            }
+            m[h] = mt;
+          }
+          for (int64_t j = 0; j < nt; ++j) {
+            const float p = std::exp(sc[j * H + h] - m[h]);
+            sc[j * H + h] = p * rs[j];
+            l[h] += p;
+          }
+        }
+        tile_accumulate(xh.data(), nt, Cp, sc.data(), H, acc.data());
+      }
+      if (S == 1) {
+        for (int64_t h = 0; h < H; ++h) {
+          lse_out[b * H + h] = m[h] + std::log(l[h]);
+          const float inv = 1.f / l[h];
+          float* zr = z_out + (b * H + h) * C;
+          const float* ar = acc.data() + h * Cp;
+          for (int64_t c = 0; c < C; ++c) zr[c] = ar[c] * inv;
+        }
+      } else {
+        std::copy(m.begin(), m.end(), part_m.begin() + item * H);
+        std::copy(l.begin(), l.end(), part_l.begin() + item * H);
+        std::copy(acc.begin(), acc.end(), part_z.begin() + item * H * Cp);
+      }
+    }
+  });
+  if (S == 1) return;
+  // combine the splits of each row in split order
+  at::parallel_for(0, B * H, 1, [&](int64_t begin, int64_t end) {
+    std::vector<float> zacc(Cp);
+    for (int64_t bh = begin; bh < end; ++bh) {
+      const int64_t b = bh / H, h = bh % H;
+      float mx = ninf;
+      for (int64_t sp = 0; sp < S; ++sp) mx = std::max(mx, part_m[(b * S + sp) * H + h]);
+      float L = 0.f;
+      std::fill(zacc.begin(), zacc.end(), 0.f);
+      for (int64_t sp = 0; sp < S; ++sp) {
+        const int64_t k = (b * S + sp) * H + h;
+        const float f = std::exp(part_m[k] - mx);
+        L += part_l[k] * f;
+        const float* pz = part_z.data() + k * Cp;
+        for (int64_t c = 0; c < C; ++c) zacc[c] += pz[c] * f;
+      }
+      lse_out[bh] = mx + std::log(L);
+      const float inv = 1.f / L;
+      float* zr = z_out + bh * C;
+      for (int64_t c = 0; c < C; ++c) zr[c] = zacc[c] * inv;
+    }
+  });
+}
+
+std::tuple<Tensor, Tensor, Tensor, Tensor> cross_attention_core_forward(const Tensor& x_cls, const Tensor& x_tokens,
+                                                                        const Tensor& w, double eps) {
+  const XShape s = check_xattn_inputs(x_cls, x_tokens, w);
+  TORCH_CHECK(std::isfinite(eps) && eps >= 0, "eps must be a finite non-negative number, got ", eps);
+  auto f32 = x_cls.options().dtype(at::kFloat);
+  Tensor z = at::empty({s.B, s.H, s.C}, f32);
+  Tensor lse = at::empty({s.B, s.H}, f32);
+  Tensor mean = at::empty({s.B, s.N}, f32);
+  Tensor rstd = at::empty({s.B, s.N}, f32);
+  Tensor wp = padded_f32(w, s.C, s.Cp);
+  const float e = static_cast<float>(eps);
+  switch (x_cls.scalar_type()) {
+    case at::kFloat: xattn_forward_impl<float>(x_cls, x_tokens, wp, e, s, z, lse, mean, rstd); break;
+    case at::kBFloat16: xattn_forward_impl<c10::BFloat16>(x_cls, x_tokens, wp, e, s, z, lse, mean, rstd); break;
+    case at::kHalf: xattn_forward_impl<c10::Half>(x_cls, x_tokens, wp, e, s, z, lse, mean, rstd); break;
+    default: TORCH_CHECK(false, "unsupported dtype ", dtype_name(x_cls.scalar_type()));
+  }
+  return {z, lse, mean, rstd};
+}
+
+// ------------------------------------------------------------------------------------------------
+// cross-attention core: backward
+// ------------------------------------------------------------------------------------------------
+template <typename T>
+void xattn_backward_impl(const Tensor& x_cls, const Tensor& x_tokens, const Tensor& wp, const Tensor& zp,
+                         const Tensor& lse, const Tensor& mean, const Tensor& rstd, const Tensor& dzp, const XShape& s,
+                         Tensor& dx_cls, Tensor& dx_tokens, Tensor& dw) {
+  const int64_t B = s.B, N = s.N, C = s.C, Cp = s.Cp, H = s.H, M = s.M;
+  const int64_t S = num_splits(B, N);
+  const int64_t chunk = (N + S - 1) / S;
+  const T* cls = x_cls.data_ptr<T>();
+  const T* tok = x_tokens.data_ptr<T>();
+  const int64_t cls_sb = x_cls.stride(0), cls_sc = x_cls.stride(1);
+  const int64_t tok_sb = x_tokens.stride(0), tok_sm = x_tokens.stride(1), tok_sc = x_tokens.stride(2);
+  const float* w = wp.data_ptr<float>();
+  const float* zz = zp.data_ptr<float>();
+  const float* dz = dzp.data_ptr<float>();
+  const float* lse_p = lse.data_ptr<float>();
+  const float* mean_p = mean.data_ptr<float>();
+  const float* rstd_p = rstd.data_ptr<float>();
+  T* dcls = dx_cls.data_ptr<T>();
+  T* dtok = dx_tokens.data_ptr<T>();
+  float* dw_out = dw.data_ptr<float>();
+  std::vector<float> part_dw;
+  if (S > 1) part_dw.resize(B * S * H * Cp);
+
+  std::atomic<int64_t> next_item{0};
+  for_each_thread([&]() {
+    std::vector<float> row(Cp), xh(kTile * Cp), acc(H * Cp), sc(kTile * H), e(kTile * H), ds(kTile * H),
+        dzz(H), dxr(Cp);
+    for (int64_t item = next_item++; item < B * S; item = next_item++) {
+      const int64_t b = item / S, split = item % S;
+      const int64_t i0 = split * chunk, i1 = std::min(N, i0 + chunk);
+      const float* wb = w + b * H * Cp;
+      const float* dzb = dz + b * H * Cp;
+      for (int64_t h = 0; h < H; ++h) dzz[h] = dot_row(dzb + h * Cp, zz + (b * H + h) * Cp, Cp);
+      std::fill(acc.begin(), acc.end(), 0.f);
+      for (int64_t t0 = i0; t0 < i1; t0 += kTile) {
+        const int64_t nt = std::min(kTile, i1 - t0);
+        for (int64_t j = 0; j < nt; ++j) {
+          const int64_t i = t0 + j;
+          if (i + kPrefetch < i1) prefetch_rows(tok + b * tok_sb + (i + kPrefetch - 1) * tok_sm, tok_sm, 1, C, tok_sc);
+          const float* r = (i == 0) ? token_row(cls + b * cls_sb, cls_sc, C, Cp, row.data())
+                                    : token_row(tok + b * tok_sb + (i - 1) * tok_sm, tok_sc, C, Cp, row.data());
+          ln_apply_row(r, C, Cp, mean_p[b * N + i], rstd_p[b * N + i], xh.data() + j * Cp);
+        }
+        tile_scores2(xh.data(), nt, Cp, wb, dzb, H, sc.data(), e.data());
+        for (int64_t j = 0; j < nt; ++j) {
+          for (int64_t h = 0; h < H; ++h) {
+            const float a = std::exp(sc[j * H + h] - lse_p[b * H + h]);
+            sc[j * H + h] = a;
+            ds[j * H + h] = a * (e[j * H + h] - dzz[h]);
+          }
+        }
+        for (int64_t j = 0; j < nt; ++j) {
+          const int64_t i = t0 + j;
+          token_grad(xh.data() + j * Cp, C, Cp, sc.data() + j * H, ds.data() + j * H, dzb, wb, H,
+                     rstd_p[b * N + i], dxr.data());
+          if (i == 0) {
+            store_row(dxr.data(), C, dcls + b * C);
+          } else {
+            store_row(dxr.data(), C, dtok + (b * M + (i - 1)) * C);
+          }
+        }
+        tile_accumulate(xh.data(), nt, Cp, ds.data(), H, acc.data());
+      }
+      if (S == 1) {
+        for (int64_t h = 0; h < H; ++h) std::memcpy(dw_out + (b * H + h) * C, acc.data() + h * Cp, sizeof(float) * C);
+      } else {
+        std::copy(acc.begin(), acc.end(), part_dw.begin() + item * H * Cp);
+      }
+    }
+  });
+  if (S == 1) return;
+  at::parallel_for(0, B * H, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t bh = begin; bh < end; ++bh) {
+      const int64_t b = bh / H, h = bh % H;
+      float* out = dw_out + bh * C;
+      std::fill(out, out + C, 0.f);
+      for (int64_t sp = 0; sp < S; ++sp) {
+        const float* p = part_dw.data() + ((b * S + sp) * H + h) * Cp;
+        for (int64_t c = 0; c < C; ++c) out[c] += p[c];
+      }
+    }
+  });
+}
+
+std::tuple<Tensor, Tensor, Tensor> cross_attention_core_backward(const Tensor& x_cls, const Tensor& x_tokens,
+                                                                 const Tensor& w, const Tensor& z, const Tensor& lse,
+                                                                 const Tensor& mean, const Tensor& rstd,
+                                                                 const Tensor& dz) {
+  const XShape s = check_xattn_inputs(x_cls, x_tokens, w);
+  check_f32(z, "z");
+  check_f32(lse, "lse");
+  check_f32(mean, "mean");
+  check_f32(rstd, "rstd");
+  check_f32(dz, "dz");
+  check_shape(z, "z", {s.B, s.H, s.C});
+  check_shape(dz, "dz", {s.B, s.H, s.C});
+  check_shape(lse, "lse", {s.B, s.H});
+  check_shape(mean, "mean", {s.B, s.N});
+  check_shape(rstd, "rstd", {s.B, s.N});
+  Tensor dx_cls = at::empty({s.B, s.C}, x_cls.options());
+  Tensor dx_tokens = at::empty({s.B, s.M, s.C}, x_tokens.options());
+  Tensor dw = at::empty({s.B, s.H, s.C}, x_cls.options().dtype(at::kFloat));
+  Tensor wp = padded_f32(w, s.C, s.Cp);
+  Tensor zp = padded_f32(z, s.C, s.Cp);
+  Tensor dzp = padded_f32(dz, s.C, s.Cp);
+  Tensor lse_c = lse.contiguous(), mean_c = mean.contiguous(), rstd_c = rstd.contiguous();
+  switch (x_cls.scalar_type()) {
+    case at::kFloat:
+      xattn_backward_impl<float>(x_cls, x_tokens, wp, zp, lse_c, mean_c, rstd_c, dzp, s, dx_cls, dx_tokens, dw);
+      break;
+    case at::kBFloat16:
+      xattn_backward_impl<c10::BFloat16>(x_cls, x_tokens, wp, zp, lse_c, mean_c, rstd_c, dzp, s, dx_cls, dx_tokens,
+                                         dw);
+      break;
+    case at::kHalf:
+      xattn_backward_impl<c10::Half>(x_cls, x_tokens, wp, zp, lse_c, mean_c, rstd_c, dzp, s, dx_cls, dx_tokens, dw);
+      break;
+    default: TORCH_CHECK(false, "unsupported dtype ", dtype_name(x_cls.scalar_type()));
+  }
+  return {dx_cls, dx_tokens, dw};
+}
+
+// ------------------------------------------------------------------------------------------------
+// patch embedding
+// ------------------------------------------------------------------------------------------------
+struct PShape {
+  int64_t B, Cin, Hi, Wi, C, ph, pw, gh, gw, P, K;
+};
+
+PShape check_patch_inputs(const Tensor& images, const Tensor& weight) {
+  check_cpu(images, "images");
+  check_cpu(weight, "weight");
+  TORCH_CHECK(images.dim() == 4, "images must have shape (B, Cin, H, W), got ", images.sizes());
+  TORCH_CHECK(weight.dim() == 4, "weight must have shape (C, Cin, ph, pw), got ", weight.sizes());
+  const auto st = images.scalar_type();
+  TORCH_CHECK(st == at::kFloat || st == at::kDouble || st == at::kBFloat16 || st == at::kHalf,
+              "images must be float32, float64, bfloat16 or float16, got ", dtype_name(st));
+  TORCH_CHECK(weight.scalar_type() == st, "weight must have the dtype of images (", dtype_name(st), "), got ",
+              dtype_name(weight.scalar_type()));
+  PShape p;
+  p.B = images.size(0);
+  p.Cin = images.size(1);
+  p.Hi = images.size(2);
+  p.Wi = images.size(3);
+  p.C = weight.size(0);
+  p.ph = weight.size(2);
+  p.pw = weight.size(3);
+  TORCH_CHECK(weight.size(1) == p.Cin, "weight expects ", weight.size(1), " input channels but images have ", p.Cin);
+  TORCH_CHECK(p.B >= 1 && p.C >= 1 && p.Cin >= 1 && p.ph >= 1 && p.pw >= 1,
+              "empty input: images ", images.sizes(), ", weight ", weight.sizes());
+  TORCH_CHECK(p.Hi >= p.ph && p.Wi >= p.pw && p.Hi % p.ph == 0 && p.Wi % p.pw == 0, "the patch size ", p.ph, "x",
+              p.pw, " must divide the image size ", p.Hi, "x", p.Wi, ": resize or crop the images");
+  p.gh = p.Hi / p.ph;
+  p.gw = p.Wi / p.pw;
+  p.P = p.gh * p.gw;
+  p.K = p.Cin * p.ph * p.pw;
+  return p;
+}
+
+at::ScalarType acc_type(at::ScalarType t) { return t == at::kDouble ? at::kDouble : at::kFloat; }
+
+// patches[p, (ci, ky, kx)] = img[ci, gy*ph + ky, gx*pw + kx] for one image (any strides), in A.
+template <typename T, typename A>
+void gather_patches_range(const T* img, const int64_t* st, const PShape& p, A* out, int64_t begin, int64_t end) {
+  for (int64_t r = begin; r < end; ++r) {
+    const int64_t gy = r / p.Cin, ci = r % p.Cin;
+    for (int64_t ky = 0; ky < p.ph; ++ky) {
+      const T* src = img + ci * st[0] + (gy * p.ph + ky) * st[1];
+      for (int64_t gx = 0; gx < p.gw; ++gx) {
+        A* dst = out + (gy * p.gw + gx) * p.K + (ci * p.ph + ky) * p.pw;
+        const T* s0 = src + gx * p.pw * st[2];
+        if (st[2] == 1) {
+          for (int64_t kx = 0; kx < p.pw; ++kx) dst[kx] = static_cast<A>(s0[kx]);
+        } else {
+          for (int64_t kx = 0; kx < p.pw; ++kx) dst[kx] = static_cast<A>(s0[kx * st[2]]);
+        }
+      }
+    }
+  }
+}
+
+// patches[p, (ci, ky, kx)] = img[ci, gy*ph + ky, gx*pw + kx] for one image (any strides), in A.
+template <typename T, typename A>
+void gather_patches(const T* img, const int64_t* st, const PShape& p, A* out, bool parallel = true) {
+  if (!parallel) {
+    gather_patches_range<T, A>(img, st, p, out, 0, p.gh * p.Cin);
+    return;
+  }
+  at::parallel_for(0, p.gh * p.Cin, 1, [&](int64_t begin, int64_t end) {
+    gather_patches_range<T, A>(img, st, p, out, begin, end);
+  });
+}
+
+// The inverse: img[ci, gy*ph + ky, gx*pw + kx] = patches[p, (ci, ky, kx)] (img contiguous).
+template <typename T, typename A>
+void scatter_patches(const A* patches, const PShape& p, T* img) {
+  at::parallel_for(0, p.gh * p.Cin, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t r = begin; r < end; ++r) {
+      const int64_t gy = r / p.Cin, ci = r % p.Cin;
+      for (int64_t ky = 0; ky < p.ph; ++ky) {
+        T* dst = img + (ci * p.Hi + gy * p.ph + ky) * p.Wi;
+        for (int64_t gx = 0; gx < p.gw; ++gx) {
+          const A* src = patches + (gy * p.gw + gx) * p.K + (ci * p.ph + ky) * p.pw;
+          for (int64_t kx = 0; kx < p.pw; ++kx) dst[gx * p.pw + kx] = static_cast<T>(src[kx]);
+        }
+      }
+    }
+  });
+}
+
+// One image: gather its patches (in L2), then rows = (bias + pos[1:]) + patches @ W^T written
+// straight into the output behind the CLS row, which is written too.
+template <typename T, typename A>
+void patch_embed_one(const Tensor& images, const Tensor& wt, const Tensor& posb, const Tensor& cls_row,
+                     const PShape& p, Tensor& out, int64_t b, Tensor& patches, Tensor& tmp, bool inner_parallel) {
+  const int64_t st[3] = {images.stride(1), images.stride(2), images.stride(3)};
+  gather_patches<T, A>(images.data_ptr<T>() + b * images.stride(0), st, p, patches.data_ptr<A>(), inner_parallel);
+  Tensor ob = out.select(0, b);
+  if (std::is_same_v<T, A>) {
+    Tensor rows = ob.narrow(0, 1, p.P);
+    at::addmm_out(rows, posb, patches, wt);
+  } else {
+    at::addmm_out(tmp, posb, patches, wt);
+    ob.narrow(0, 1, p.P).copy_(tmp);
+  }
+  ob.select(0, 0).copy_(cls_row);
+}
+
+template <typename T, typename A>
+void patch_embed_forward_impl(const Tensor& images, const Tensor& wt, const Tensor& posb, const Tensor& cls_row,
+                              const PShape& p, Tensor& out) {
+  const auto aopt = images.options().dtype(acc_type(images.scalar_type()));
+  const bool direct = std::is_same_v<T, A>;
+  if (p.B >= at::get_num_threads() && p.B > 1) {
+    // whole images per thread: one parallel region, each GEMM single-threaded on its own image
+    at::parallel_for(0, p.B, 1, [&](int64_t begin, int64_t end) {
+      const c10::NoGradGuard no_grad;  // grad mode is thread-local: worker threads do not inherit it
+      Tensor patches = at::empty({p.P, p.K}, aopt);
+      Tensor tmp = direct ? Tensor() : at::empty({p.P, p.C}, aopt);
+      for (int64_t b = begin; b < end; ++b) patch_embed_one<T, A>(images, wt, posb, cls_row, p, out, b, patches, tmp,
+                                                                  false);
+    });
+  } else {
+    Tensor patches = at::empty({p.P, p.K}, aopt);
+    Tensor tmp = direct ? Tensor() : at::empty({p.P, p.C}, aopt);
+    for (int64_t b = 0; b < p.B; ++b) patch_embed_one<T, A>(images, wt, posb, cls_row, p, out, b, patches, tmp, true);
+  }
+}
+
+Tensor patch_embed_forward(const Tensor& images, const Tensor& weight, const std::optional<Tensor>& bias,
+                           const Tensor& pos_embed, const Tensor& cls_token) {
+  const PShape p = check_patch_inputs(images, weight);
+  check_cpu(pos_embed, "pos_embed");
+  check_cpu(cls_token, "cls_token");
+  const auto st = images.scalar_type();
+  TORCH_CHECK(pos_embed.scalar_type() == st && cls_token.scalar_type() == st,
+              "pos_embed and cls_token must have the dtype of images (", dtype_name(st), ")");
+  check_shape(pos_embed, "pos_embed", {1 + p.P, p.C});
+  check_shape(cls_token, "cls_token", {p.C});
+  if (bias.has_value() && bias->defined()) {
+    check_cpu(*bias, "bias");
+    TORCH_CHECK(bias->scalar_type() == st, "bias must have the dtype of images (", dtype_name(st), ")");
+    check_shape(*bias, "bias", {p.C});
+  }
+  const auto acc = acc_type(st);
+  Tensor wt = weight.detach().reshape({p.C, p.K}).to(acc).t();  // (K, C)
+  Tensor posb = pos_embed.detach().narrow(0, 1, p.P).to(acc);
+  if (bias.has_value() && bias->defined()) posb = posb + bias->detach().to(acc);
+  posb = posb.contiguous();
+  Tensor cls_row = (cls_token.detach().to(acc) + pos_embed.detach().select(0, 0).to(acc)).to(st);
+  Tensor out = at::empty({p.B, 1 + p.P, p.C}, images.options());
+  switch (st) {
+    case at::kFloat: patch_embed_forward_impl<float, float>(images, wt, posb, cls_row, p, out); break;
+    case at::kDouble: patch_embed_forward_impl<double, double>(images, wt, posb, cls_row, p, out); break;
+    case at::kBFloat16: patch_embed_forward_impl<c10::BFloat16, float>(images, wt, posb, cls_row, p, out); break;
+    case at::kHalf: patch_embed_forward_impl<c10::Half, float>(images, wt, posb, cls_row, p, out); break;
+    default: TORCH_CHECK(false, "unsupported dtype ", dtype_name(st));
+  }
+  return out;
+}
+
+template <typename T, typename A>
+void patch_embed_backward_impl(const Tensor& g, const Tensor& images, const Tensor& wmat, const PShape& p,
+                               bool needs_images_grad, Tensor& dW, Tensor& d_images) {
+  const T* img = images.data_ptr<T>();
+  const int64_t st[3] = {images.stride(1), images.stride(2), images.stride(3)};
+  const auto aopt = images.options().dtype(acc_type(images.scalar_type()));
+  Tensor patches = at::empty({p.P, p.K}, aopt);
+  Tensor dpatch = needs_images_grad ? at::empty({p.P, p.K}, aopt) : Tensor();
+  for (int64_t b = 0; b < p.B; ++b) {
+    Tensor gb = g.select(0, b).narrow(0, 1, p.P);  // (P, C)
+    if (gb.scalar_type() != patches.scalar_type()) gb = gb.to(patches.scalar_type());
+    gather_patches<T, A>(img + b * images.stride(0), st, p, patches.data_ptr<A>());
+    dW.addmm_(gb.t(), patches);  // dW += g_b^T @ patches_b, batches in order
+    if (needs_images_grad) {
+      at::mm_out(dpatch, gb, wmat);
+      scatter_patches<T, A>(dpatch.data_ptr<A>(), p, d_images.data_ptr<T>() + b * p.Cin * p.Hi * p.Wi);
+    }
+  }
+}
+
+std::tuple<std::optional<Tensor>, Tensor, std::optional<Tensor>, Tensor, Tensor> patch_embed_backward(
+    const Tensor& grad_out, const Tensor& images, const Tensor& weight, bool has_bias, bool needs_images_grad) {
+  const PShape p = check_patch_inputs(images, weight);
+  check_cpu(grad_out, "grad_out");
+  TORCH_CHECK(grad_out.scalar_type() == images.scalar_type(), "grad_out must have the dtype of images (",
+              dtype_name(images.scalar_type()), "), got ", dtype_name(grad_out.scalar_type()));
+  check_shape(grad_out, "grad_out", {p.B, 1 + p.P, p.C});
+  const auto st = images.scalar_type();
+  const auto acc = acc_type(st);
+  Tensor g = grad_out.contiguous();
+  // sums over the batch (the reduction runs over dim 0 for each output element: fixed order)
+  Tensor d_pos = at::sum(g, {0}, false, acc);  // (1+P, C)
+  Tensor d_cls = d_pos.select(0, 0).clone();
+  std::optional<Tensor> d_bias;
+  if (has_bias) d_bias = d_pos.narrow(0, 1, p.P).sum(0).to(weight.scalar_type());
+  Tensor dW = at::zeros({p.C, p.K}, images.options().dtype(acc));
+  Tensor wmat = weight.reshape({p.C, p.K}).to(acc).contiguous();
+  std::optional<Tensor> d_images;
+  Tensor di;
+  if (needs_images_grad) di = at::empty({p.B, p.Cin, p.Hi, p.Wi}, images.options());
+  switch (st) {
+    case at::kFloat: patch_embed_backward_impl<float, float>(g, images, wmat, p, needs_images_grad, dW, di); break;
+    case at::kDouble: patch_embed_backward_impl<double, double>(g, images, wmat, p, needs_images_grad, dW, di); break;
+    case at::kBFloat16:
+      patch_embed_backward_impl<c10::BFloat16, float>(g, images, wmat, p, needs_images_grad, dW, di);
+      break;
+    case at::kHalf: patch_embed_backward_impl<c10::Half, float>(g, images, wmat, p, needs_images_grad, dW, di); break;
+    default: TORCH_CHECK(false, "unsupported dtype ", dtype_name(st));
+  }
+  if (needs_images_grad) d_images = di;
+  const auto wt = weight.scalar_type();
+  return {d_images, dW.reshape({p.C, p.Cin, p.ph, p.pw}).to(wt), d_bias, d_pos.to(wt), d_cls.to(wt)};
+}
+
+// A small probe for the tests: which vector clone the running CPU uses (x86-64 GCC builds only).
+std::string cpu_capability() {
+#if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__) && defined(__linux__) && !defined(CVK_NO_CLONES)
+  __builtin_cpu_init();
+  if (__builtin_cpu_supports("x86-64-v4")) return "x86-64-v4";
+  if (__builtin_cpu_supports("x86-64-v3")) return "x86-64-v3";
+  return "x86-64 (baseline)";
+#else
+  return "portable (no target clones)";
+#endif
+}
+
+}  // namespace
+}  // namespace cvk
+
+using namespace pybind11::literals;
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.doc() = "crossvit-kernels CPU kernels (backend 'cpp'); use them through crossvit_kernels.ops";
+  m.def("cross_attention_core_forward", &cvk::cross_attention_core_forward, "x_cls"_a, "x_tokens"_a, "w"_a,
+        "eps"_a);
+  m.def("cross_attention_core_backward", &cvk::cross_attention_core_backward, "x_cls"_a, "x_tokens"_a, "w"_a, "z"_a,
+        "lse"_a, "mean"_a, "rstd"_a, "dz"_a);
+  m.def("patch_embed_forward", &cvk::patch_embed_forward, "images"_a, "weight"_a, "bias"_a, "pos_embed"_a,
+        "cls_token"_a);
+  m.def("patch_embed_backward", &cvk::patch_embed_backward, "grad_out"_a, "images"_a, "weight"_a, "has_bias"_a,
+        "needs_images_grad"_a);
+  m.def("cpu_capability", &cvk::cpu_capability);
+  m.def("num_splits", &cvk::num_splits, "B"_a, "N"_a);
+}

@@ -1,0 +1,425 @@
+"""The compiled extension: backends "cpp" (CPU) and "cuda", and its loader (crossvit_kernels._ext).
+
+* Both ops, forward and every gradient, through the public entries with backend="cpp", against
+  the float64 textbook oracle under the flash-attention criterion of helpers.py.
+* The core functions against crossvit_kernels.impl.torch_impl directly (any token strides, dtypes).
+* Results independent of the thread count (1 and 2 threads bitwise identical).
+* Bad inputs to the raw extension functions raise with a message that says what to fix.
+* The loader: a broken extension degrades to "torch" with one warning; reasons are reported.
+* The CUDA backend (GPU only; skipped here) and the CUDA module's loadability (where it is built).
+"""
+from __future__ import annotations
+
+import warnings
+
+import pytest
+import torch
+
+import crossvit_kernels
+from crossvit_kernels import _ext, backends
+from crossvit_kernels.impl import torch_impl
+from crossvit_kernels.ops import cross_attention, patch_embed
+from helpers import (GRAD_FACTOR, HAS_GPU, assert_within_ref_error, cross_attention_inputs, max_err,
+                     requires_gpu, run_cross_attention, upcast)
+
+_CPU = _ext.status("cpu")
+if _CPU.broken:  # built but not loadable: that is a failure to report, not a reason to skip
+    raise ImportError(_CPU.reason)
+requires_cpp = pytest.mark.skipif(_CPU.module is None, reason=f"C++ extension not built: {_CPU.reason}")
+
+
+def _cpu_ext():
+    return _ext.get("cpu")
+
+
+# ---------------------------------------------------------------------------------------------
+# cross-attention through the public entry
+# ---------------------------------------------------------------------------------------------
+
+XATTN_SHAPES = [  # (B, M, C, H)
+    (2, 5, 12, 3),
+    (3, 0, 20, 4),      # M = 0: the CLS attends to itself only
+    (2, 1, 36, 3),      # M = 1
+    (1, 17, 40, 5),     # B = 1, odd sizes, C not a multiple of 8
+    (2, 400, 224, 7),   # CrossViT-18 fusion, branch 0 queried by branch 1's CLS: N = 401
+    (2, 196, 448, 7),   # CrossViT-18 fusion, N = 197
+]
+
+
+def _check_cross_attention(B, M, C, H, dtype, strided, seed=0):
+    inputs = cross_attention_inputs(B, M, C, H, dtype=dtype, strided=strided, seed=seed)
+    grad_out = torch.randn(B, C, generator=torch.Generator().manual_seed(seed + 1), dtype=torch.float64)
+    out, grads = run_cross_attention(inputs, "cpp", grad_out)
+    ref_out, ref_grads = run_cross_attention(upcast(inputs, dtype), "reference", grad_out)
+    oracle_out, oracle_grads = run_cross_attention(upcast(inputs, torch.float64), "reference", grad_out)
+    assert out.dtype == dtype and out.shape == (B, C)
+    assert_within_ref_error(out, ref_out, oracle_out, dtype, name="out")
+    assert set(grads) == set(oracle_grads)
+    for name, g in grads.items():
+        assert g is not None, f"no gradient for {name}"
+        assert_within_ref_error(g, ref_grads[name], oracle_grads[name], dtype, name=f"d{name}", factor=GRAD_FACTOR)
+    return max(max_err(out, oracle_out), *(max_err(g, oracle_grads[n]) for n, g in grads.items()))
+
+
+@requires_cpp
+@pytest.mark.parametrize("strided", [True, False], ids=["strided", "contiguous"])
+@pytest.mark.parametrize("B,M,C,H", XATTN_SHAPES)
+def test_cross_attention_cpp_float32(B, M, C, H, strided):
+    _check_cross_attention(B, M, C, H, torch.float32, strided)
+
+
+@requires_cpp
+@pytest.mark.parametrize("B,M,C,H", [(2, 5, 12, 3), (1, 17, 40, 5), (2, 400, 224, 7), (2, 196, 448, 7)])
+def test_cross_attention_cpp_bfloat16(B, M, C, H):
+    _check_cross_attention(B, M, C, H, torch.bfloat16, strided=True)
+
+
+@requires_cpp
+def test_cross_attention_cpp_float16():
+    _check_cross_attention(2, 33, 24, 4, torch.float16, strided=True)
+
+
+@requires_cpp
+def test_auto_picks_cpp_on_cpu_and_torch_for_float64():
+    assert backends.resolve_backend("cross_attention", "auto", torch.device("cpu"), torch.float32) == "cpp"
+    assert backends.resolve_backend("patch_embed", "auto", torch.device("cpu"), torch.float32) == "cpp"
+    assert "auto -> cpp" in crossvit_kernels.explain_dispatch("cross_attention", "cpu", torch.float32)
+    # no float64 cross-attention kernel: supports() says so and auto falls back to "torch"
+    assert "float64" in crossvit_kernels.explain_dispatch("cross_attention", "cpu", torch.float64)
+    assert "auto -> torch" in crossvit_kernels.explain_dispatch("cross_attention", "cpu", torch.float64)
+    with pytest.raises(RuntimeError, match="float64"):
+        inputs = cross_attention_inputs(1, 3, 8, 2, dtype=torch.float64, requires_grad=False)
+        run_cross_attention(inputs, "cpp")
+    assert "auto -> cpp" in crossvit_kernels.explain_dispatch("patch_embed", "cpu", torch.float64)
+
+
+# ---------------------------------------------------------------------------------------------
+# the core functions against torch_impl
+# ---------------------------------------------------------------------------------------------
+
+def _core_inputs(B, M, C, H, dtype, layout, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    x_cls = torch.randn(B, C, generator=g, dtype=torch.float64).to(dtype)
+    if layout == "strided":        # the model's view branch[:, 1:]
+        x_tokens = torch.randn(B, M + 1, C, generator=g, dtype=torch.float64).to(dtype)[:, 1:]
+    elif layout == "transposed":   # channel stride != 1
+        x_tokens = torch.randn(B, C, M, generator=g, dtype=torch.float64).to(dtype).transpose(1, 2)
+        x_cls = torch.randn(C, B, generator=g, dtype=torch.float64).to(dtype).t()
+    else:
+        x_tokens = torch.randn(B, M, C, generator=g, dtype=torch.float64).to(dtype)
+    w = (torch.randn(B, H, C, generator=g, dtype=torch.float64) * 0.4).float()
+    dz = torch.randn(B, H, C, generator=g, dtype=torch.float64).float()
+    return x_cls, x_tokens, w, dz
+
+
+@requires_cpp
+@pytest.mark.parametrize("layout", ["strided", "contiguous", "transposed"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("B,M,C,H", [(2, 9, 12, 3), (1, 400, 224, 7), (3, 0, 16, 2), (2, 1, 7, 1), (4, 130, 44, 4)])
+def test_core_matches_torch_impl(B, M, C, H, dtype, layout):
+    ext = _cpu_ext()
+    x_cls, x_tokens, w, dz = _core_inputs(B, M, C, H, dtype, layout)
+    fwd = ext.cross_attention_core_forward(x_cls, x_tokens, w, 1e-6)
+    ref = torch_impl.cross_attention_core_forward(x_cls, x_tokens, w, 1e-6)
+    for name, a, r in zip(("z", "lse", "mean", "rstd"), fwd, ref):
+        assert a.dtype == torch.float32 and a.shape == r.shape, name
+        torch.testing.assert_close(a, r, atol=2e-5, rtol=2e-5, msg=lambda m: f"{name}: {m}")
+    bwd = ext.cross_attention_core_backward(x_cls, x_tokens, w, *fwd, dz)
+    ref_b = torch_impl.cross_attention_core_backward(x_cls, x_tokens, w, *ref, dz)
+    for name, a, r in zip(("dx_cls", "dx_tokens", "dw"), bwd, ref_b):
+        assert a.dtype == r.dtype and a.shape == r.shape, name
+        assert a.is_contiguous(), f"{name} must be contiguous"
+        tol = 2e-5 if dtype == torch.float32 else 2e-2
+        scale = float(r.float().abs().max()) if r.numel() else 1.0
+        torch.testing.assert_close(a.float(), r.float(), atol=tol * max(1.0, scale), rtol=tol,
+                                   msg=lambda m: f"{name}: {m}")
+
+
+@requires_cpp
+def test_core_does_not_modify_inputs():
+    ext = _cpu_ext()
+    x_cls, x_tokens, w, dz = _core_inputs(2, 20, 24, 3, torch.float32, "strided")
+    before = [t.clone() for t in (x_cls, x_tokens, w, dz)]
+    fwd = ext.cross_attention_core_forward(x_cls, x_tokens, w, 1e-6)
+    ext.cross_attention_core_backward(x_cls, x_tokens, w, *fwd, dz)
+    for a, b in zip((x_cls, x_tokens, w, dz), before):
+        assert torch.equal(a, b)
+
+
+@requires_cpp
+@pytest.mark.parametrize("B,M,C,H", [(1, 400, 224, 7), (3, 196, 448, 7), (64, 40, 20, 4), (2, 77, 13, 1)])
+def test_thread_count_does_not_change_results(B, M, C, H):
+    """The token splits depend on the shapes only and are combined in a fixed order."""
+    ext = _cpu_ext()
+    x_cls, x_tokens, w, dz = _core_inputs(B, M, C, H, torch.float32, "strided", seed=3)
+    previous = torch.get_num_threads()
+    results = []
+    try:
+        for n in (1, 2):
+            torch.set_num_threads(n)
+            fwd = ext.cross_attention_core_forward(x_cls, x_tokens, w, 1e-6)
+            bwd = ext.cross_attention_core_backward(x_cls, x_tokens, w, *fwd, dz)
+            results.append(tuple(fwd) + tuple(bwd))
+    finally:
+        torch.set_num_threads(previous)
+    assert ext.num_splits(B, M + 1) >= 1
+    for a, b in zip(*results):
+        assert torch.equal(a, b), "results differ between 1 and 2 threads"
+
+
+# ---------------------------------------------------------------------------------------------
+# patch embedding through the public entry
+# ---------------------------------------------------------------------------------------------
+
+PATCH_SHAPES = [  # (B, Cin, H, W, C, ph, pw)
+    (2, 3, 24, 36, 10, 12, 12),
+    (1, 2, 10, 15, 7, 5, 3),       # odd, non-square patches, B = 1
+    (2, 3, 240, 240, 224, 12, 12),  # CrossViT-18 branch 0
+    (1, 3, 224, 224, 448, 16, 16),  # CrossViT-18 branch 1
+]
+
+
+def _patch_inputs(B, Cin, H, W, C, ph, pw, dtype, bias, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    P = (H // ph) * (W // pw)
+
+    def r(*shape, scale=1.0):
+        return (torch.randn(*shape, generator=g, dtype=torch.float64) * scale).to(dtype).requires_grad_(True)
+
+    return dict(images=r(B, Cin, H, W), weight=r(C, Cin, ph, pw, scale=(Cin * ph * pw) ** -0.5),
+                bias=r(C, scale=0.1) if bias else None, pos_embed=r(1, 1 + P, C, scale=0.02),
+                cls_token=r(1, 1, C, scale=0.02))
+
+
+def _run_patch(inputs, backend, grad_out):
+    out = patch_embed(inputs["images"], inputs["weight"], inputs["bias"], inputs["pos_embed"], inputs["cls_token"],
+                      backend=backend)
+    names = [k for k, v in inputs.items() if v is not None]
+    grads = torch.autograd.grad(out, [inputs[k] for k in names], grad_out.to(out.dtype))
+    return out, dict(zip(names, grads))
+
+
+def _recast(inputs, dtype):
+    return {k: None if v is None else v.detach().to(dtype).requires_grad_(True) for k, v in inputs.items()}
+
+
+PATCH_CASES = (  # every shape with and without bias in float32; bfloat16 and float64 with bias
+    [(shape, torch.float32, bias) for shape in PATCH_SHAPES for bias in (True, False)]
+    + [(shape, dtype, True) for shape in PATCH_SHAPES for dtype in (torch.bfloat16, torch.float64)]
+    + [(PATCH_SHAPES[1], dtype, False) for dtype in (torch.bfloat16, torch.float64)]
+)
+
+
+@requires_cpp
+@pytest.mark.parametrize("shape,dtype,bias", PATCH_CASES,
+                         ids=lambda v: "x".join(map(str, v)) if isinstance(v, tuple) else str(v).replace("torch.", ""))
+def test_patch_embed_cpp(shape, dtype, bias):
+    B, Cin, H, W, C, ph, pw = shape
+    inputs = _patch_inputs(*shape, dtype=dtype, bias=bias)
+    P = (H // ph) * (W // pw)
+    grad_out = torch.randn(B, 1 + P, C, generator=torch.Generator().manual_seed(7), dtype=torch.float64)
+    out, grads = _run_patch(inputs, "cpp", grad_out)
+    ref_out, ref_grads = _run_patch(_recast(inputs, dtype), "reference", grad_out)
+    oracle_out, oracle_grads = _run_patch(_recast(inputs, torch.float64), "reference", grad_out)
+    assert out.dtype == dtype and out.shape == (B, 1 + P, C)
+    assert_within_ref_error(out, ref_out, oracle_out, dtype, name="out")
+    for name, g in grads.items():
+        assert g.dtype == dtype and g.shape == inputs[name].shape, name
+        assert_within_ref_error(g, ref_grads[name], oracle_grads[name], dtype, name=f"d{name}", factor=GRAD_FACTOR)
+
+
+@requires_cpp
+def test_patch_embed_without_image_grad_and_strided_images():
+    ext = _cpu_ext()
+    g = torch.Generator().manual_seed(5)
+    images = torch.randn(2, 24, 36, 3, generator=g).permute(0, 3, 1, 2)  # channels-last strides
+    weight = torch.randn(10, 3, 12, 12, generator=g) * 0.05
+    pos, cls = torch.randn(1 + 6, 10, generator=g), torch.randn(10, generator=g)
+    out = ext.patch_embed_forward(images, weight, None, pos, cls)
+    ref = torch_impl.patch_embed_forward(images, weight, None, pos, cls)
+    torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
+    grad = torch.randn_like(ref)
+    d = ext.patch_embed_backward(grad, images, weight, False, False)
+    r = torch_impl.patch_embed_backward(grad, images, weight, False, False)
+    assert d[0] is None and d[2] is None
+    for a, b in zip(d[1:], r[1:]):
+        if b is not None:
+            torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-5)
+
+
+# ---------------------------------------------------------------------------------------------
+# input validation of the raw extension functions
+# ---------------------------------------------------------------------------------------------
+
+@requires_cpp
+def test_bad_inputs_raise_with_a_useful_message():
+    ext = _cpu_ext()
+    x_cls, x_tokens, w, dz = _core_inputs(2, 5, 8, 2, torch.float32, "contiguous")
+    fwd = ext.cross_attention_core_forward(x_cls, x_tokens, w, 1e-6)
+    cases = [
+        (lambda: ext.cross_attention_core_forward(x_cls[0], x_tokens, w, 1e-6), "x_cls must have shape"),
+        (lambda: ext.cross_attention_core_forward(x_cls, x_tokens[0], w, 1e-6), "x_tokens must have shape"),
+        (lambda: ext.cross_attention_core_forward(x_cls, x_tokens[:1], w, 1e-6), "x_tokens must have shape"),
+        (lambda: ext.cross_attention_core_forward(x_cls, x_tokens, w.double(), 1e-6), "w must be float32"),
+        (lambda: ext.cross_attention_core_forward(x_cls, x_tokens, w[:, :, :4], 1e-6), "w must have shape"),
+        (lambda: ext.cross_attention_core_forward(x_cls.double(), x_tokens.double(), w, 1e-6), "float64"),
+        (lambda: ext.cross_attention_core_forward(x_cls, x_tokens.bfloat16(), w, 1e-6), "dtype of x_cls"),
+        (lambda: ext.cross_attention_core_forward(x_cls.to("meta"), x_tokens, w, 1e-6), "CPU tensor"),
+        (lambda: ext.cross_attention_core_forward(x_cls, x_tokens, w, float("nan")), "eps"),
+        (lambda: ext.cross_attention_core_backward(x_cls, x_tokens, w, fwd[0], fwd[1], fwd[2][:, :3], fwd[3], dz),
+         "mean must have shape"),
+        (lambda: ext.cross_attention_core_backward(x_cls, x_tokens, w, *fwd, dz.half()), "dz must be float32"),
+        (lambda: ext.cross_attention_core_backward(x_cls, x_tokens, w, *fwd, dz[:1]), "dz must have shape"),
+        (lambda: ext.patch_embed_forward(torch.randn(1, 3, 10, 10), torch.randn(4, 3, 3, 3), None,
+                                         torch.randn(10, 4), torch.randn(4)), "must divide the image size"),
+        (lambda: ext.patch_embed_forward(torch.randn(1, 2, 6, 6), torch.randn(4, 3, 3, 3), None,
+                                         torch.randn(5, 4), torch.randn(4)), "input channels"),
+        (lambda: ext.patch_embed_forward(torch.randn(1, 3, 6, 6), torch.randn(4, 3, 3, 3), torch.randn(5),
+                                         torch.randn(5, 4), torch.randn(4)), "bias must have shape"),
+        (lambda: ext.patch_embed_forward(torch.randn(1, 3, 6, 6), torch.randn(4, 3, 3, 3), None,
+                                         torch.randn(4, 4), torch.randn(4)), "pos_embed must have shape"),
+        (lambda: ext.patch_embed_forward(torch.randn(1, 3, 6, 6), torch.randn(4, 3, 3, 3).double(), None,
+                                         torch.randn(5, 4), torch.randn(4)), "dtype of images"),
+        (lambda: ext.patch_embed_backward(torch.randn(1, 4, 4), torch.randn(1, 3, 6, 6), torch.randn(4, 3, 3, 3),
+                                          True, True), "grad_out must have shape"),
+        (lambda: ext.patch_embed_forward(torch.randn(1, 3, 6, 6).int(), torch.randn(4, 3, 3, 3).int(), None,
+                                         torch.randn(5, 4), torch.randn(4)), "images must be float32"),
+    ]
+    for fn, needle in cases:
+        with pytest.raises((RuntimeError, ValueError, TypeError)) as info:
+            fn()
+        assert needle in str(info.value), f"expected {needle!r} in the message, got: {info.value}"
+
+
+# ---------------------------------------------------------------------------------------------
+# the loader: reasons, a broken extension, lazy import
+# ---------------------------------------------------------------------------------------------
+
+@pytest.fixture
+def fresh_registry(monkeypatch):
+    """Fresh (and afterwards restored) load caches of the loader and the backend registry."""
+    monkeypatch.setattr(_ext, "_status", {})
+    monkeypatch.setattr(backends, "_loaded", {})
+    monkeypatch.setattr(backends, "_load_errors", {})
+    monkeypatch.setattr(backends, "_warned", set())
+    yield monkeypatch
+
+
+def test_available_backends_reports_the_extension():
+    avail = crossvit_kernels.available_backends()
+    if _CPU.module is not None:
+        assert avail["cpp"] is True
+    else:
+        assert "not built" in avail["cpp"]
+    if not HAS_GPU:
+        assert isinstance(avail["cuda"], str) and ("GPU" in avail["cuda"] or "CPU-only" in avail["cuda"]), avail
+
+
+def test_broken_extension_degrades_to_torch_with_one_warning(fresh_registry):
+    real_import = _ext._import
+
+    def broken(name):
+        if name == _ext.MODULES["cpu"]:
+            raise OSError(f"{name}.so: undefined symbol: _ZN3c1015SmallVectorBaseIjE8grow_podEPKvmm")
+        return real_import(name)
+
+    fresh_registry.setattr(_ext, "_import", broken)
+    reason = crossvit_kernels.available_backends()["cpp"]
+    assert isinstance(reason, str) and reason.startswith("failed to import") and "undefined symbol" in reason
+    assert "rebuild" in reason
+    inputs = cross_attention_inputs(2, 6, 16, 2, requires_grad=False)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        out = run_cross_attention(inputs, "auto")[0]
+        run_cross_attention(inputs, "auto")
+    ours = [w for w in caught if issubclass(w.category, RuntimeWarning) and "crossvit_kernels" in str(w.message)]
+    assert len(ours) == 1, [str(w.message) for w in caught]
+    assert "falls back to backend 'torch'" in str(ours[0].message) and "undefined symbol" in str(ours[0].message)
+    expected = run_cross_attention(inputs, "torch")[0]
+    torch.testing.assert_close(out, expected, atol=0, rtol=0)
+    with pytest.raises(RuntimeError, match="undefined symbol"):
+        run_cross_attention(inputs, "cpp")
+
+
+def test_missing_extension_is_unavailable_without_warning(fresh_registry):
+    def missing(name):
+        err = ModuleNotFoundError(f"No module named {name!r}")
+        err.name = name
+        raise err
+
+    fresh_registry.setattr(_ext, "_import", missing)
+    reason = crossvit_kernels.available_backends()["cpp"]
+    assert "not built" in reason and not reason.startswith("failed to import")
+    inputs = cross_attention_inputs(1, 3, 8, 2, requires_grad=False)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # an absent extension is normal: no warning
+        run_cross_attention(inputs, "auto")
+
+
+def test_extension_is_imported_lazily():
+    import subprocess
+    import sys
+    code = ("import sys, crossvit_kernels; "
+            "assert not [m for m in sys.modules if m.startswith('crossvit_kernels._C')], 'eager import'; "
+            "print('ok')")
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert res.returncode == 0 and "ok" in res.stdout, res.stderr
+
+
+def test_cuda_extension_loads_where_built():
+    """The CUDA module must at least import (no undefined symbols) where it was built, GPU or not."""
+    import importlib.util
+    if importlib.util.find_spec(_ext.MODULES["cuda"]) is None:
+        pytest.skip("the CUDA part of the extension is not built here (no nvcc, a CPU-only torch, or "
+                    "CROSSVIT_KERNELS_NO_CUDA=1)")
+    st = _ext._try_load("cuda")
+    assert st.module is not None, st.reason
+    for fn in ("cross_attention_core_forward", "cross_attention_core_backward", "patch_embed_forward",
+               "patch_embed_backward"):
+        assert hasattr(st.module, fn)
+
+
+# ---------------------------------------------------------------------------------------------
+# CUDA backend (GPU only)
+# ---------------------------------------------------------------------------------------------
+
+def _cuda_ready():
+    reason = crossvit_kernels.available_backends()["cuda"]
+    if reason is not True:
+        pytest.skip(f"cuda backend unavailable: {reason}")
+
+
+@requires_gpu
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("B,M,C,H", [(2, 5, 12, 3), (3, 0, 20, 4), (1, 17, 40, 5), (4, 400, 224, 7),
+                                     (4, 196, 448, 7), (1, 3000, 64, 2)])
+def test_cross_attention_cuda(B, M, C, H, dtype):
+    _cuda_ready()
+    inputs = cross_attention_inputs(B, M, C, H, dtype=dtype, device="cuda", strided=True)
+    grad_out = torch.randn(B, C, dtype=torch.float64, device="cuda")
+    out, grads = run_cross_attention(inputs, "cuda", grad_out)
+    ref_out, ref_grads = run_cross_attention(upcast(inputs, dtype), "reference", grad_out)
+    oracle_out, oracle_grads = run_cross_attention(upcast(inputs, torch.float64), "reference", grad_out)
+    assert_within_ref_error(out, ref_out, oracle_out, dtype, name="out")
+    for name, g in grads.items():
+        assert_within_ref_error(g, ref_grads[name], oracle_grads[name], dtype, name=f"d{name}", factor=GRAD_FACTOR)
+
+
+@requires_gpu
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("shape", PATCH_SHAPES, ids=lambda s: "x".join(map(str, s)))
+def test_patch_embed_cuda(shape, dtype):
+    _cuda_ready()
+    B, Cin, H, W, C, ph, pw = shape
+    inputs = {k: None if v is None else v.detach().cuda().requires_grad_(True)
+              for k, v in _patch_inputs(*shape, dtype=dtype, bias=True).items()}
+    P = (H // ph) * (W // pw)
+    grad_out = torch.randn(B, 1 + P, C, dtype=torch.float64, device="cuda")
+    out, grads = _run_patch(inputs, "cuda", grad_out)
+    ref_out, ref_grads = _run_patch(_recast(inputs, dtype), "reference", grad_out)
+    oracle_out, oracle_grads = _run_patch(_recast(inputs, torch.float64), "reference", grad_out)
+    assert_within_ref_error(out, ref_out, oracle_out, dtype, name="out")
+    for name, g in grads.items():
+        assert_within_ref_error(g, ref_grads[name], oracle_grads[name], dtype, name=f"d{name}", factor=GRAD_FACTOR)
