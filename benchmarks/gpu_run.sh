@@ -1,0 +1,163 @@
+#!/usr/bin/env bash
+# One command for a GPU machine that already has torch, triton and timm (no network needed):
+#
+#     bash benchmarks/gpu_run.sh OUTDIR
+#
+# Installs the package in place (building the extension when nvcc is there), records the machine,
+# runs the test suite (GPU-only tests included), the microbenchmark suite in bf16 and fp32, and the
+# kernel-specific and end-to-end benchmark scripts where they exist, writing every log and result
+# under OUTDIR. A failing step is reported and the next one runs; the exit status is non-zero if
+# any step failed. Every step has a time limit; the whole run is capped at GPU_RUN_BUDGET_S
+# seconds (default 1500, i.e. 25 minutes).
+#
+# Environment: PYTHON (default python3), GPU_RUN_BUDGET_S, BENCH_ARGS (extra arguments of run.py),
+# PYTEST_ARGS, CROSSVIT_KERNELS_NO_EXT=1 (skip the extension build), GPU_RUN_SKIP_INSTALL=1 (use the
+# package as already installed).
+set -u
+
+if [ $# -lt 1 ]; then
+    echo "usage: $0 OUTDIR" >&2
+    exit 2
+fi
+OUT=$1
+mkdir -p "$OUT"
+OUT=$(cd "$OUT" && pwd)
+cd "$(dirname "$0")/.."
+REPO=$(pwd)
+PY=${PYTHON:-python3}
+BUDGET=${GPU_RUN_BUDGET_S:-1500}
+START=$(date +%s)
+FAILED=()
+SKIPPED=()
+export PYTHONUNBUFFERED=1
+export PIP_DISABLE_PIP_VERSION_CHECK=1
+export PIP_NO_INDEX=1             # never reach for the network
+export MAX_JOBS=${MAX_JOBS:-16}
+unset TRITON_INTERPRET
+
+log() { echo "[gpu_run $(date -u +%H:%M:%S) +$(( $(date +%s) - START ))s] $*"; }
+
+# step NAME LIMIT_S LOGFILE CMD...: run CMD with a time limit (capped by what is left of the
+# budget), tee its output to OUT/LOGFILE, record a failure without stopping.
+step() {
+    local name=$1 limit=$2 logf=$3
+    shift 3
+    local left=$(( BUDGET - ( $(date +%s) - START ) ))
+    if [ "$left" -le 10 ]; then
+        log "SKIP $name: the ${BUDGET}s budget is spent"
+        SKIPPED+=("$name (budget spent)")
+        FAILED+=("$name (not run: budget spent)")
+        return
+    fi
+    [ "$limit" -gt "$left" ] && limit=$left
+    log "START $name (limit ${limit}s) -> $OUT/$logf"
+    local t0=$(date +%s)
+    timeout --signal=TERM --kill-after=30 "$limit" "$@" 2>&1 | tee "$OUT/$logf"
+    local rc=${PIPESTATUS[0]}
+    if [ $rc -eq 0 ]; then
+        log "OK    $name ($(( $(date +%s) - t0 ))s)"
+    else
+        [ $rc -eq 124 ] && log "TIMEOUT $name after ${limit}s"
+        log "FAIL  $name (exit $rc, $(( $(date +%s) - t0 ))s; see $OUT/$logf)"
+        FAILED+=("$name (exit $rc)")
+    fi
+}
+
+# -- 1. install --------------------------------------------------------------------------------
+install_pkg() {
+    if timeout 600 "$PY" -m pip install --no-deps --no-build-isolation -e . ; then
+        return 0
+    fi
+    echo "editable install with the extension failed; trying the pure-Python install"
+    if CROSSVIT_KERNELS_NO_EXT=1 timeout 300 "$PY" -m pip install --no-deps --no-build-isolation -e . ; then
+        return 0
+    fi
+    return 1
+}
+log "install (pip -e, no deps, no network)"
+if [ "${GPU_RUN_SKIP_INSTALL:-0}" = 1 ]; then
+    log "GPU_RUN_SKIP_INSTALL=1: using the package as installed"
+elif install_pkg > "$OUT/install.log" 2>&1; then
+    log "installed (log: $OUT/install.log)"
+else
+    log "pip install failed (log: $OUT/install.log): using PYTHONPATH=$REPO"
+    export PYTHONPATH="$REPO${PYTHONPATH:+:$PYTHONPATH}"
+    SKIPPED+=("pip install (fell back to PYTHONPATH)")
+fi
+
+# -- 2. the machine ----------------------------------------------------------------------------
+{
+    echo "date: $(date -u)"
+    echo "host: $(hostname)"
+    echo "git: $(git rev-parse HEAD 2>/dev/null) $(git status --porcelain --untracked-files=no 2>/dev/null | wc -l) modified files"
+    nvidia-smi || echo "nvidia-smi failed"
+    nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm,power.limit --format=csv || true
+    nproc
+    grep -m1 "model name" /proc/cpuinfo || true
+    "$PY" - <<'EOF'
+import importlib, platform
+import torch
+print("python", platform.python_version())
+print("torch", torch.__version__, "cuda", torch.version.cuda, "available", torch.cuda.is_available())
+if torch.cuda.is_available():
+    print("device", torch.cuda.get_device_name(0), torch.cuda.get_device_capability(0))
+for name in ("triton", "timm", "numpy", "matplotlib", "pytest", "pytest_benchmark"):
+    try:
+        m = importlib.import_module(name)
+        print(name, getattr(m, "__version__", "?"))
+    except Exception as exc:
+        print(name, "MISSING", exc)
+EOF
+    "$PY" -m crossvit_kernels.info || echo "crossvit_kernels.info failed"
+} > "$OUT/machine.txt" 2>&1
+cat "$OUT/machine.txt"
+if ! "$PY" -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)"; then
+    log "WARNING: no CUDA device visible; the GPU benchmarks will fail"
+fi
+
+# -- 3. tests (GPU-only tests run here) --------------------------------------------------------
+# shellcheck disable=SC2086
+step "tests" 600 tests.log "$PY" -m pytest tests -q -ra -p no:cacheprovider ${PYTEST_ARGS:-}
+
+# -- 4. the microbenchmark suite ---------------------------------------------------------------
+# shellcheck disable=SC2086
+step "benchmarks/run.py" 840 run.log "$PY" benchmarks/run.py --device cuda --dtypes bf16,fp32 \
+    --out "$OUT/run" ${BENCH_ARGS:-}
+
+# -- 5. kernel-specific scripts and the end-to-end CLI, where present -------------------------
+for script in bench_triton_cross_attention bench_triton_patch_embed; do
+    if [ -f "benchmarks/$script.py" ]; then
+        step "$script" 300 "$script.log" "$PY" "benchmarks/$script.py" --out "$OUT/$script"
+    else
+        log "SKIP $script: benchmarks/$script.py does not exist"
+        SKIPPED+=("$script (absent)")
+    fi
+done
+if "$PY" -c "import importlib.util, sys; sys.exit(0 if importlib.util.find_spec('crossvit_kernels.benchmark') else 1)" 2>/dev/null; then
+    HELP=$("$PY" -m crossvit_kernels.benchmark --help 2>/dev/null)
+    if echo "$HELP" | grep -q -- "--results-file"; then
+        # the paper's model and the largest 240-px one, bf16, inference and training, timm alongside
+        step "crossvit_kernels.benchmark" 420 e2e.log "$PY" -m crossvit_kernels.benchmark \
+            --model crossvit_small_240 crossvit_18_240 --bench both --precision bf16 --batch-size 256 \
+            --results-file "$OUT/e2e_bf16.json"
+    elif echo "$HELP" | grep -q -- "--out"; then
+        step "crossvit_kernels.benchmark" 420 e2e.log "$PY" -m crossvit_kernels.benchmark --out "$OUT/e2e"
+    else
+        step "crossvit_kernels.benchmark" 420 e2e.log "$PY" -m crossvit_kernels.benchmark
+    fi
+else
+    log "SKIP crossvit_kernels.benchmark: the module does not exist"
+    SKIPPED+=("crossvit_kernels.benchmark (absent)")
+fi
+
+# -- summary -----------------------------------------------------------------------------------
+TOTAL=$(( $(date +%s) - START ))
+{
+    echo "total: ${TOTAL}s"
+    echo "skipped: ${#SKIPPED[@]}"
+    for s in "${SKIPPED[@]+"${SKIPPED[@]}"}"; do echo "  - $s"; done
+    echo "failed: ${#FAILED[@]}"
+    for f in "${FAILED[@]+"${FAILED[@]}"}"; do echo "  - $f"; done
+} | tee "$OUT/status.txt"
+log "done in ${TOTAL}s; results in $OUT"
+[ ${#FAILED[@]} -eq 0 ]
