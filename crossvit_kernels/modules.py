@@ -12,6 +12,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from . import backends as _backends
 from .ops.cross_attention import _cross_attention
 from .ops.patch_embed import patch_embed as _patch_embed_op
 
@@ -172,6 +173,43 @@ class Mlp(nn.Module):
         return self.drop2(self.fc2(self.drop1(self.act(self.fc1(x)))))
 
 
+_LINEAR_POINTWISE = None
+
+
+def _has_linear_pointwise() -> bool:
+    """oneDNN's fused linear is a private op of torch's CPU build: use it only where it exists."""
+    global _LINEAR_POINTWISE
+    if _LINEAR_POINTWISE is None:
+        try:
+            _LINEAR_POINTWISE = bool(torch.backends.mkldnn.is_available()) and \
+                hasattr(torch.ops.mkldnn, "_linear_pointwise")
+        except Exception:  # an unusual build: fall back to F.linear
+            _LINEAR_POINTWISE = False
+    return _LINEAR_POINTWISE
+
+
+def onednn_linear_usable(x: Tensor, weight: Tensor) -> bool:
+    """Whether :func:`onednn_linear` may replace ``F.linear`` here: CPU float32/bfloat16 inference
+    (no gradient recorded), eager mode (the compiler fuses linears its own way), and not under
+    ``use_backend("reference")``."""
+    if torch.compiler.is_compiling():   # first: the compiler cannot trace the mkldnn queries below
+        return False
+    if _backends.get_default_backend() == "reference":   # the oracle is timm's computation, op for op
+        return False
+    return (x.device.type == "cpu" and x.dtype == weight.dtype and x.dtype in (torch.float32, torch.bfloat16)
+            and _has_linear_pointwise() and torch.backends.mkldnn.enabled
+            and not (torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad)))
+
+
+def onednn_linear(x: Tensor, lin: nn.Linear, gelu: bool = False) -> Tensor:
+    """``F.linear(x, lin.weight, lin.bias)`` (then exact GELU when ``gelu``) as one oneDNN CPU kernel:
+    bias and activation are applied while the output tile is in cache, with no bias broadcast copy
+    and no separate activation pass (measured 5-15% faster than MKL's addmm + GELU at CrossViT's
+    shapes on the CPU). Inference only: the op has no autograd formula."""
+    return torch.ops.mkldnn._linear_pointwise(x, lin.weight, lin.bias, "gelu" if gelu else "none", [],
+                                              "none" if gelu else "")
+
+
 class Block(nn.Module):
     """Pre-norm transformer encoder block with timm's parameter names
     (``norm1``, ``attn.qkv``, ``attn.proj``, ``norm2``, ``mlp.fc1``, ``mlp.fc2``)."""
@@ -191,9 +229,23 @@ class Block(nn.Module):
         self.drop_path2 = DropPath(drop_path) if drop_path > 0.0 else nn.Identity()
 
     def forward(self, x: Tensor) -> Tensor:
+        if not self.training and onednn_linear_usable(x, self.attn.qkv.weight):
+            return self._forward_cpu_inference(x)
         x = x + self.drop_path1(self.attn(self.norm1(x)))
         x = x + self.drop_path2(self.mlp(self.norm2(x)))
         return x
+
+    def _forward_cpu_inference(self, x: Tensor) -> Tensor:
+        """The same block with its four linears on oneDNN's fused linear + bias (+ exact GELU)."""
+        a, m = self.attn, self.mlp
+        B, N, C = x.shape
+        qkv = onednn_linear(self.norm1(x), a.qkv).reshape(B, N, 3, a.num_heads, a.head_dim).permute(2, 0, 3, 1, 4)
+        q, k, v = qkv.unbind(0)
+        o = F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(B, N, C)
+        x = x + onednn_linear(o, a.proj)
+        gelu = type(m.act) is nn.GELU and m.act.approximate == "none"
+        h = onednn_linear(self.norm2(x), m.fc1, gelu=gelu)
+        return x + onednn_linear(h if gelu else m.act(h), m.fc2)
 
 
 class PatchEmbed(nn.Module):

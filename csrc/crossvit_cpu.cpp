@@ -19,6 +19,7 @@
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <c10/core/GradMode.h>
+#include <c10/core/InferenceMode.h>
 #include <c10/util/BFloat16.h>
 #include <c10/util/Half.h>
 #include <torch/csrc/utils/pybind.h>
@@ -815,8 +816,12 @@ void patch_embed_forward_impl(const Tensor& images, const Tensor& wt, const Tens
   const bool direct = std::is_same_v<T, A>;
   if (p.B >= at::get_num_threads() && p.B > 1) {
     // whole images per thread: one parallel region, each GEMM single-threaded on its own image
+    // Grad and inference modes are thread-local: worker threads inherit neither, so set both
+    // (without the inference guard, writing into an inference-mode `out` from a worker fails).
+    const bool inference = c10::InferenceMode::is_enabled();
     at::parallel_for(0, p.B, 1, [&](int64_t begin, int64_t end) {
-      const c10::NoGradGuard no_grad;  // grad mode is thread-local: worker threads do not inherit it
+      const c10::InferenceMode inference_guard(inference);
+      const c10::NoGradGuard no_grad;
       Tensor patches = at::empty({p.P, p.K}, aopt);
       Tensor tmp = direct ? Tensor() : at::empty({p.P, p.C}, aopt);
       for (int64_t b = begin; b < end; ++b) patch_embed_one<T, A>(images, wt, posb, cls_row, p, out, b, patches, tmp,

@@ -247,6 +247,27 @@ def test_patch_embed_without_image_grad_and_strided_images():
             torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-5)
 
 
+@requires_cpp
+@pytest.mark.parametrize("B", [1, 4])  # one image (GEMM threads) and a batch (images across threads)
+def test_ops_under_inference_mode(B):
+    """Worker threads do not inherit InferenceMode: writing into an inference tensor from one must
+    still work (a regression test)."""
+    g = torch.Generator().manual_seed(11)
+    images, weight = torch.randn(B, 3, 24, 24, generator=g), torch.randn(8, 3, 12, 12, generator=g)
+    bias, pos, cls = torch.randn(8, generator=g), torch.randn(1, 5, 8, generator=g), torch.randn(1, 1, 8, generator=g)
+    expected = patch_embed(images, weight, bias, pos, cls, backend="reference")
+    with torch.inference_mode():
+        out = patch_embed(images, weight, bias, pos, cls, backend="cpp")
+    torch.testing.assert_close(out, expected, atol=1e-5, rtol=1e-5)
+    inp = cross_attention_inputs(B, 9, 16, 2, torch.float32, requires_grad=False)
+    args = [inp[k] for k in ("x_cls", "x_tokens", "norm_weight", "norm_bias", "wq", "bq", "wk", "bk", "wv", "bv",
+                             "wo", "bo")]
+    ref = cross_attention(*args, num_heads=2, backend="reference")
+    with torch.inference_mode():
+        got = cross_attention(*args, num_heads=2, backend="cpp")
+    torch.testing.assert_close(got, ref, atol=1e-5, rtol=1e-5)
+
+
 # ---------------------------------------------------------------------------------------------
 # input validation of the raw extension functions
 # ---------------------------------------------------------------------------------------------

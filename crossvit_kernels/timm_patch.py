@@ -1,0 +1,290 @@
+"""Drop-in speed for an existing timm CrossViT: :func:`patch_timm` and :func:`unpatch_timm`.
+
+``patch_timm(model)`` converts one ``timm.models.crossvit.CrossVit`` instance in place so that
+
+* its patch embeddings run on :func:`crossvit_kernels.ops.patch_embed` (linear embedding: one op
+  writes the CLS row, the patch tokens and the position embedding into the token buffer), or for
+  the dagger models on timm's own convolutions followed by one epilogue that adds the position
+  embedding while writing the token buffer (no ``torch.cat`` followed by an add);
+* its cross-attention blocks run on the fused single-query op
+  (:func:`crossvit_kernels.ops.cross_attention`: no K/V projection of every token, no concat);
+* at CPU inference, the encoder blocks' linears run on oneDNN's fused linear + bias (+ GELU)
+  kernel (``encoder=True``, the default; measured faster than the bias-copy + GEMM + GELU of the
+  default CPU path);
+* the fusion stage of every ``MultiScaleBlock`` projects only the (B, C) CLS rows, reads the other
+  branch's patch tokens in place as a strided view and, at inference, writes the new CLS rows into
+  the encoders' outputs instead of concatenating (:func:`crossvit_kernels.models.fusion.fuse_cross_attention`).
+
+Nothing else changes: no parameter or buffer is added, renamed or moved, so ``state_dict()`` keys,
+optimizers, checkpoints, hooks on the encoder blocks and ``train()``/``eval()`` behave as before;
+the logits and every gradient equal the unpatched model's to float32 rounding.
+
+How: each patched module's ``__class__`` is replaced by a subclass of its own class that overrides
+only the methods above (one subclass per original class, made on first use). timm's classes and
+every other instance are untouched; :func:`unpatch_timm` restores the original classes.
+Submodules whose class overrides the patched method (a user's subclass) or whose configuration
+the fused op does not cover (a non-LayerNorm norm, a hand-set attention scale, a patch embedding
+that is not a plain stride-p convolution) keep timm's code.
+"""
+from __future__ import annotations
+
+from typing import Dict, List, Optional
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from . import backends as _backends
+from .models.fusion import fuse_cross_attention
+from .modules import onednn_linear, onednn_linear_usable
+from .ops.cross_attention import _cross_attention
+from .ops.patch_embed import patch_embed as _patch_embed_op
+
+Tensor = torch.Tensor
+
+__all__ = ["patch_timm", "unpatch_timm", "is_patched"]
+
+_ORIG = "_crossvit_kernels_orig_class"      # the class an instance had before patching
+_BACKEND = "_crossvit_kernels_backend"      # backend of the fused ops (None: the current default)
+_FUSED = "_crossvit_kernels_fused"          # False: this block keeps timm's math (see _fusable_*)
+_ATTRS = (_ORIG, _BACKEND, _FUSED)
+
+_PATCHED_CLASSES: Dict[type, type] = {}
+
+
+def _timm_crossvit():
+    try:
+        from timm.models import crossvit as tc
+    except ImportError as exc:  # pragma: no cover - timm is a test requirement
+        raise ImportError("patch_timm needs timm (pip install timm); it converts a timm CrossVit model") from exc
+    return tc
+
+
+# ---------------------------------------------------------------------------------------------
+# patched methods
+# ---------------------------------------------------------------------------------------------
+
+def _needs_grad(*tensors: Tensor) -> bool:
+    return torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
+
+
+def _embed_tokens(pe: nn.Module, x: Tensor, cls_token: Tensor, pos_embed: Tensor, backend: Optional[str],
+                  linear: bool) -> Tensor:
+    """One branch's token buffer (B, 1 + P, C) = [cls + pos[0]; patches + pos[1:]]."""
+    H, W = x.shape[-2:]
+    if H != pe.img_size[0] or W != pe.img_size[1]:
+        raise ValueError(f"Input image size ({H}*{W}) doesn't match model ({pe.img_size[0]}*{pe.img_size[1]}).")
+    if linear and H % pe.patch_size[0] == 0 and W % pe.patch_size[1] == 0:
+        return _patch_embed_op(x, pe.proj.weight, pe.proj.bias, pos_embed, cls_token, backend=backend)
+    # the dagger convolutions, or a linear embedding whose patches do not tile the image (the
+    # convolution drops the remainder, as in timm)
+    t = pe.proj(x)                                                         # (B, C, gh, gw)
+    B, C = t.shape[:2]
+    t = t.flatten(2).transpose(1, 2)                                       # (B, P, C), a view
+    if torch.compiler.is_compiling() or _needs_grad(t, cls_token, pos_embed) or t.dtype != pos_embed.dtype:
+        # the plain path: autograd-friendly, and the compiler fuses it by itself
+        return torch.cat([cls_token.expand(B, -1, -1), t], dim=1) + pos_embed
+    # the epilogue: one pass writes conv output + position embedding into the token buffer
+    out = t.new_empty((B, 1 + t.shape[1], C))
+    torch.add(t, pos_embed[:, 1:], out=out[:, 1:])
+    out[:, 0] = (cls_token[:, 0] + pos_embed[:, 0]).to(out.dtype)
+    return out
+
+
+def _crossvit_embed(self, x: Tensor) -> List[Tensor]:
+    tc = _timm_crossvit()
+    backend = getattr(self, _BACKEND, None)
+    xs = []
+    for i, pe in enumerate(self.patch_embed):
+        x_ = tc.scale_image(x, self.img_size_scaled[i], self.crop_scale)
+        linear = getattr(pe, _FUSED, False)
+        tokens = _embed_tokens(pe, x_, getattr(self, f"cls_token_{i}"), getattr(self, f"pos_embed_{i}"), backend,
+                               linear)
+        xs.append(self.pos_drop(tokens))
+    return xs
+
+
+def _msb_forward(self, x: List[Tensor]) -> List[Tensor]:
+    if self.blocks is None:
+        outs_b, own = list(x), False
+    else:
+        outs_b = [block(x[i]) for i, block in enumerate(self.blocks)]
+        own = len(outs_b) == self.num_branches
+    return fuse_cross_attention(self.projs, self.fusion, self.revert_projs, outs_b, reuse_inputs=own)
+
+
+def _cab_forward_cls(self, x_cls: Tensor, x_tokens: Tensor) -> Tensor:
+    """(B, C) query, (B, M, C) patch tokens -> (B, C) new CLS (timm's block on [x_cls; x_tokens])."""
+    if not getattr(self, _FUSED, False):
+        out = self.__dict__[_ORIG].forward(self, torch.cat([x_cls.unsqueeze(1), x_tokens], dim=1))
+        return out[:, 0]
+    a, n = self.attn, self.norm1
+    drop_active = self.training and (a.proj_drop.p > 0 or not isinstance(self.drop_path, nn.Identity))
+    delta = _cross_attention(
+        x_cls, x_tokens, n.weight, n.bias, a.wq.weight, a.wq.bias, a.wk.weight, a.wk.bias, a.wv.weight, a.wv.bias,
+        a.proj.weight, a.proj.bias, a.num_heads, n.eps, getattr(self, _BACKEND, None),
+        residual=not drop_active, attn_drop=a.attn_drop.p, training=self.training)
+    if not drop_active:
+        return delta
+    return x_cls + self.drop_path(a.proj_drop(delta))
+
+
+def _cab_forward(self, x: Tensor) -> Tensor:
+    return _cab_forward_cls(self, x[:, 0], x[:, 1:]).unsqueeze(1)
+
+
+def _block_forward(self, x: Tensor) -> Tensor:
+    """timm's pre-norm encoder block; at CPU inference its four linears run on oneDNN with the
+    bias (and fc1's GELU) fused. Training, other devices and torch.compile use timm's code."""
+    a, m = self.attn, self.mlp
+    if self.training or self.__dict__.get(_BACKEND) == "reference" or not onednn_linear_usable(x, a.qkv.weight):
+        return self.__dict__[_ORIG].forward(self, x)
+    B, N, C = x.shape
+    qkv = onednn_linear(self.norm1(x), a.qkv).reshape(B, N, 3, a.num_heads, a.head_dim).permute(2, 0, 3, 1, 4)
+    q, k, v = qkv.unbind(0)
+    o = F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(B, N, a.num_heads * a.head_dim)
+    x = x + onednn_linear(o, a.proj)
+    return x + onednn_linear(onednn_linear(self.norm2(x), m.fc1, gelu=True), m.fc2)
+
+
+# ---------------------------------------------------------------------------------------------
+# which submodules can be patched
+# ---------------------------------------------------------------------------------------------
+
+def _plain_encoder_block(blk: nn.Module) -> bool:
+    """timm's ViT block exactly as CrossViT builds it: no layer scale, gate, q/k norm, output norm
+    or MLP norm; exact GELU; fused attention; linears with the default layout."""
+    try:
+        from timm.layers import Attention, Mlp
+    except ImportError:  # pragma: no cover - older timm
+        return False
+    a, m = getattr(blk, "attn", None), getattr(blk, "mlp", None)
+    if type(a) is not Attention or type(m) is not Mlp:
+        return False
+    identities = (blk.ls1, blk.ls2, a.q_norm, a.k_norm, getattr(a, "norm", nn.Identity()), m.norm)
+    return (all(type(t) is nn.Identity for t in identities) and getattr(a, "gate", None) is None
+            and bool(getattr(a, "fused_attn", False)) and type(m.act) is nn.GELU and m.act.approximate == "none"
+            and all(type(lin) is nn.Linear for lin in (a.qkv, a.proj, m.fc1, m.fc2))
+            and a.num_heads * a.head_dim == a.proj.in_features)
+
+
+def _fusable_cross_attention(blk: nn.Module) -> bool:
+    a, n = blk.attn, blk.norm1
+    if type(n) is not nn.LayerNorm or len(n.normalized_shape) != 1:
+        return False
+    C = a.wq.in_features
+    if any(getattr(a, k).weight.shape != (C, C) for k in ("wq", "wk", "wv", "proj")) or C % a.num_heads:
+        return False
+    return float(a.scale) == float((C // a.num_heads) ** -0.5)   # timm lets users set the scale by hand
+
+
+def _linear_patch_embed(pe: nn.Module) -> bool:
+    p = pe.proj
+    return (type(p) is nn.Conv2d and tuple(p.kernel_size) == tuple(p.stride) == tuple(pe.patch_size)
+            and tuple(p.padding) == (0, 0) and tuple(p.dilation) == (1, 1) and p.groups == 1
+            and p.padding_mode == "zeros")
+
+
+def _patched_class(cls: type, methods: Dict[str, object]) -> type:
+    key = cls
+    if key not in _PATCHED_CLASSES:
+        _PATCHED_CLASSES[key] = type(f"Fused{cls.__name__}", (cls,), dict(methods, __module__=__name__,
+                                                                          __doc__=cls.__doc__))
+    return _PATCHED_CLASSES[key]
+
+
+def _swap(module: nn.Module, methods: Dict[str, object], backend: Optional[str]) -> None:
+    if _ORIG not in module.__dict__:
+        module.__dict__[_ORIG] = type(module)
+        module.__class__ = _patched_class(type(module), methods)
+    module.__dict__[_BACKEND] = backend
+
+
+def is_patched(model: nn.Module) -> bool:
+    """Whether :func:`patch_timm` converted ``model`` (and :func:`unpatch_timm` has not undone it)."""
+    return isinstance(model, nn.Module) and _ORIG in model.__dict__
+
+
+def _check_model(model, what: str):
+    tc = _timm_crossvit()
+    if isinstance(model, nn.Module) and hasattr(model, "_orig_mod") and isinstance(model._orig_mod, tc.CrossVit):
+        raise TypeError(f"{what} got a torch.compile'd module: {what} the model first, then compile it "
+                        f"(pass model._orig_mod, or call it before torch.compile)")
+    if not isinstance(model, tc.CrossVit):
+        from .models.crossvit import CrossViT
+        if isinstance(model, CrossViT):
+            raise TypeError(f"{what} expects a timm CrossVit; crossvit_kernels' own CrossViT already runs on the "
+                            f"fused ops")
+        raise TypeError(f"{what} expects a timm.models.crossvit.CrossVit instance (e.g. "
+                        f"timm.create_model('crossvit_9_240')), got "
+                        f"{type(model).__module__}.{type(model).__qualname__}")
+    return tc
+
+
+def patch_timm(model: nn.Module, backend: Optional[str] = None, encoder: bool = True) -> nn.Module:
+    """Make a timm ``CrossVit`` run on crossvit_kernels' fused ops, in place; returns ``model``.
+
+    Args:
+        model: a ``timm.models.crossvit.CrossVit`` instance (any variant, any device or dtype).
+            Only this instance changes; timm's classes and other models are untouched.
+        backend: the backend of the fused ops (None: the current default, normally ``"auto"``;
+            see :mod:`crossvit_kernels.backends`). Patching an already patched model only changes it.
+        encoder: also run the encoder blocks' linears on oneDNN's fused linear(+bias, +GELU) CPU
+            kernel at inference (no gradient recorded, eval mode, float32/bfloat16 CPU tensors, not
+            under torch.compile); everywhere else they keep timm's code.
+
+    The state_dict keys, parameters and buffers are unchanged; logits and gradients equal the
+    unpatched model's to float32 rounding. Patch before ``torch.compile``; :func:`unpatch_timm`
+    undoes the patch.
+
+    Example::
+
+        model = timm.create_model("crossvit_18_dagger_240", pretrained=True)
+        crossvit_kernels.patch_timm(model)
+        logits = model(images)
+    """
+    tc = _check_model(model, "patch_timm")
+    if backend is not None:
+        _backends._check_name(backend)
+    embed = {"_embed": _crossvit_embed}
+    msb = {"forward": _msb_forward}
+    cab = {"forward": _cab_forward, "forward_cls": _cab_forward_cls}
+    # the fusion of every block first: a block whose cross-attention cannot be fused keeps it
+    for m in model.modules():
+        if isinstance(m, tc.CrossAttentionBlock) and (type(m).forward is tc.CrossAttentionBlock.forward
+                                                      or is_patched(m)):
+            _swap(m, cab, backend)
+            m.__dict__[_FUSED] = _fusable_cross_attention(m)
+    for m in model.modules():
+        if isinstance(m, tc.MultiScaleBlock) and (type(m).forward is tc.MultiScaleBlock.forward or is_patched(m)):
+            if all(is_patched(b) for f in m.fusion for b in (f.modules() if isinstance(f, nn.Sequential) else [f])
+                   if isinstance(b, tc.CrossAttentionBlock)):
+                _swap(m, msb, backend)
+    from timm.models.vision_transformer import Block
+    for m in model.modules():
+        if isinstance(m, Block) and (type(m).forward is Block.forward or is_patched(m)) and _plain_encoder_block(m):
+            if encoder:
+                _swap(m, {"forward": _block_forward}, backend)
+            elif is_patched(m):   # patched before with encoder=True
+                _unswap(m)
+    if type(model)._embed is tc.CrossVit._embed or is_patched(model):
+        _swap(model, embed, backend)
+        for pe in model.patch_embed:
+            pe.__dict__[_FUSED] = isinstance(pe, tc.PatchEmbed) and _linear_patch_embed(pe)
+    return model
+
+
+def unpatch_timm(model: nn.Module) -> nn.Module:
+    """Undo :func:`patch_timm` on ``model`` in place (a no-op for a model that is not patched);
+    returns ``model``."""
+    _check_model(model, "unpatch_timm")
+    for m in model.modules():
+        _unswap(m)
+    return model
+
+
+def _unswap(module: nn.Module) -> None:
+    if _ORIG in module.__dict__:
+        module.__class__ = module.__dict__[_ORIG]
+    for attr in _ATTRS:
+        module.__dict__.pop(attr, None)
