@@ -5,9 +5,14 @@ anything imports Triton), so the same kernel tests run on the CPU in CI. GPU-onl
 ``gpu`` marker / ``requires_gpu`` and skip with a reason on a CPU machine.
 """
 import os
+import tempfile
 
 import pytest
 import torch
+
+# A private compile cache per test run: Inductor's cache key does not cover a custom op's fake
+# implementation, so a cache left by an older checkout could replay a graph built from a stale fake.
+os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", tempfile.mkdtemp(prefix="crossvit-kernels-inductor-"))
 
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
