@@ -32,14 +32,8 @@ from functools import partial
 
 
 def _cpu_model() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
+    from crossvit_kernels.info import cpu_model
+    return cpu_model()
 
 
 def _time(fn, min_reps=7, min_time=1.5, warmup=2):

@@ -21,7 +21,8 @@ def _version(module: str) -> Optional[str]:
         return f"not available ({type(exc).__name__}: {exc})"
 
 
-def _cpu_model() -> str:
+def cpu_model() -> str:
+    """The CPU's model name (from /proc/cpuinfo where it exists)."""
     try:
         with open("/proc/cpuinfo") as f:
             for line in f:
@@ -29,7 +30,7 @@ def _cpu_model() -> str:
                     return line.split(":", 1)[1].strip()
     except OSError:
         pass
-    return platform.processor() or platform.machine()
+    return platform.processor() or platform.machine() or "unknown CPU"
 
 
 def collect() -> Dict[str, object]:
@@ -38,7 +39,7 @@ def collect() -> Dict[str, object]:
     import crossvit_kernels as ck
     from crossvit_kernels import backends
 
-    devices = [{"type": "cpu", "name": _cpu_model(), "threads": torch.get_num_threads()}]
+    devices = [{"type": "cpu", "name": cpu_model(), "threads": torch.get_num_threads()}]
     if torch.cuda.is_available():
         for i in range(torch.cuda.device_count()):
             p = torch.cuda.get_device_properties(i)

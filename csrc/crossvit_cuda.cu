@@ -18,6 +18,8 @@
 #include <cuda_runtime.h>
 #include <torch/csrc/utils/pybind.h>
 
+#include "common.h"
+
 #include <cmath>
 #include <optional>
 #include <tuple>
@@ -308,7 +310,10 @@ __global__ void xattn_bwd_combine_kernel(const float* __restrict__ part_dw, floa
 // ------------------------------------------------------------------------------------------------
 // host side: checks and launches
 // ------------------------------------------------------------------------------------------------
-const char* dtype_name(at::ScalarType t) { return c10::toString(t); }
+using crossvit_common::acc_type;
+using crossvit_common::check_shape;
+using crossvit_common::dtype_name;
+using crossvit_common::PShape;
 
 void check_cuda(const Tensor& t, const char* name) {
   TORCH_CHECK(t.defined(), name, " is undefined; pass a tensor");
@@ -318,12 +323,7 @@ void check_cuda(const Tensor& t, const char* name) {
 
 void check_f32(const Tensor& t, const char* name) {
   check_cuda(t, name);
-  TORCH_CHECK(t.scalar_type() == at::kFloat, name, " must be float32, got ", dtype_name(t.scalar_type()),
-              "; cast it with .float()");
-}
-
-void check_shape(const Tensor& t, const char* name, at::IntArrayRef expected) {
-  TORCH_CHECK(t.sizes().equals(expected), name, " must have shape ", expected, ", got ", t.sizes());
+  crossvit_common::check_is_f32(t, name);
 }
 
 void check_same_device(const Tensor& a, const Tensor& b, const char* na, const char* nb) {
@@ -331,37 +331,16 @@ void check_same_device(const Tensor& a, const Tensor& b, const char* na, const c
               "; move all inputs to one device");
 }
 
-struct XShape {
-  int64_t B, M, N, C, H;
-};
+using XShape = crossvit_common::XDims;
 
 XShape check_xattn_inputs(const Tensor& x_cls, const Tensor& x_tokens, const Tensor& w) {
   check_cuda(x_cls, "x_cls");
   check_cuda(x_tokens, "x_tokens");
-  check_f32(w, "w");
+  check_cuda(w, "w");
   check_same_device(x_cls, x_tokens, "x_cls", "x_tokens");
   check_same_device(x_cls, w, "x_cls", "w");
-  TORCH_CHECK(x_cls.dim() == 2, "x_cls must have shape (B, C), got ", x_cls.sizes());
-  TORCH_CHECK(x_tokens.dim() == 3, "x_tokens must have shape (B, M, C), got ", x_tokens.sizes());
-  TORCH_CHECK(w.dim() == 3, "w must have shape (B, H, C), got ", w.sizes());
-  const auto st = x_cls.scalar_type();
-  TORCH_CHECK(st == at::kFloat || st == at::kBFloat16 || st == at::kHalf,
-              "x_cls must be float32, bfloat16 or float16 for the cuda backend, got ", dtype_name(st),
-              " (use backend='torch' for float64)");
-  TORCH_CHECK(x_tokens.scalar_type() == st, "x_tokens must have the dtype of x_cls (", dtype_name(st), "), got ",
-              dtype_name(x_tokens.scalar_type()));
-  XShape s;
-  s.B = x_cls.size(0);
-  s.C = x_cls.size(1);
-  s.M = x_tokens.size(1);
-  s.N = s.M + 1;
-  s.H = w.size(1);
-  TORCH_CHECK(s.B >= 1 && s.C >= 1, "x_cls must have B >= 1 rows of width C >= 1, got ", x_cls.sizes());
+  const XShape s = crossvit_common::check_xattn_dims(x_cls, x_tokens, w, "cuda");
   TORCH_CHECK(s.B <= 65535, "batch size ", s.B, " exceeds the CUDA grid limit 65535; split the batch");
-  TORCH_CHECK(x_tokens.size(0) == s.B && x_tokens.size(2) == s.C, "x_tokens must have shape (", s.B, ", M, ", s.C,
-              ") to match x_cls ", x_cls.sizes(), ", got ", x_tokens.sizes());
-  TORCH_CHECK(w.size(0) == s.B && w.size(2) == s.C && s.H >= 1, "w must have shape (", s.B, ", H, ", s.C,
-              ") with H >= 1, got ", w.sizes());
   TORCH_CHECK(s.H <= kThreads, "the cuda backend supports at most ", kThreads, " heads, got H = ", s.H,
               "; use backend='triton' or 'torch'");
   return s;
@@ -501,9 +480,6 @@ std::tuple<Tensor, Tensor, Tensor> cross_attention_core_backward(const Tensor& x
 // ------------------------------------------------------------------------------------------------
 // patch embedding
 // ------------------------------------------------------------------------------------------------
-struct PShape {
-  int64_t B, Cin, Hi, Wi, C, ph, pw, gh, gw, P, K;
-};
 
 // patches[b*P + p, (ci, ky, kx)] = img[b, ci, gy*ph + ky, gx*pw + kx]; one thread per element.
 template <typename T, typename A>
@@ -569,34 +545,9 @@ PShape check_patch_inputs(const Tensor& images, const Tensor& weight) {
   check_cuda(images, "images");
   check_cuda(weight, "weight");
   check_same_device(images, weight, "images", "weight");
-  TORCH_CHECK(images.dim() == 4, "images must have shape (B, Cin, H, W), got ", images.sizes());
-  TORCH_CHECK(weight.dim() == 4, "weight must have shape (C, Cin, ph, pw), got ", weight.sizes());
-  const auto st = images.scalar_type();
-  TORCH_CHECK(st == at::kFloat || st == at::kDouble || st == at::kBFloat16 || st == at::kHalf,
-              "images must be float32, float64, bfloat16 or float16, got ", dtype_name(st));
-  TORCH_CHECK(weight.scalar_type() == st, "weight must have the dtype of images (", dtype_name(st), "), got ",
-              dtype_name(weight.scalar_type()));
-  PShape p;
-  p.B = images.size(0);
-  p.Cin = images.size(1);
-  p.Hi = images.size(2);
-  p.Wi = images.size(3);
-  p.C = weight.size(0);
-  p.ph = weight.size(2);
-  p.pw = weight.size(3);
-  TORCH_CHECK(weight.size(1) == p.Cin, "weight expects ", weight.size(1), " input channels but images have ", p.Cin);
-  TORCH_CHECK(p.B >= 1 && p.C >= 1 && p.Cin >= 1 && p.ph >= 1 && p.pw >= 1, "empty input: images ",
-              images.sizes(), ", weight ", weight.sizes());
-  TORCH_CHECK(p.Hi >= p.ph && p.Wi >= p.pw && p.Hi % p.ph == 0 && p.Wi % p.pw == 0, "the patch size ", p.ph, "x",
-              p.pw, " must divide the image size ", p.Hi, "x", p.Wi, ": resize or crop the images");
-  p.gh = p.Hi / p.ph;
-  p.gw = p.Wi / p.pw;
-  p.P = p.gh * p.gw;
-  p.K = p.Cin * p.ph * p.pw;
-  return p;
+  return crossvit_common::check_patch_dims(images, weight);
 }
 
-at::ScalarType acc_type(at::ScalarType t) { return t == at::kDouble ? at::kDouble : at::kFloat; }
 
 template <typename T, typename A>
 Tensor gather(const Tensor& images, const PShape& p) {
