@@ -10,9 +10,13 @@
 # any step failed. Every step has a time limit; the whole run is capped at GPU_RUN_BUDGET_S
 # seconds (default 1500, i.e. 25 minutes).
 #
-# Environment: PYTHON (default python3), GPU_RUN_BUDGET_S, BENCH_ARGS (extra arguments of run.py),
-# PYTEST_ARGS, CROSSVIT_KERNELS_NO_EXT=1 (skip the extension build), GPU_RUN_SKIP_INSTALL=1 (use the
-# package as already installed).
+# Environment: PYTHON (default python3), GPU_RUN_BUDGET_S, GPU_RUN_STEPS (comma list of install,
+# machine, tests, kernels, suite, e2e; default all), BENCH_ARGS (extra arguments of run.py),
+# PYTEST_ARGS, CA_ARGS / PE_ARGS (extra arguments of bench_triton_cross_attention.py /
+# bench_triton_patch_embed.py), E2E_ARGS (replaces the end-to-end CLI's model/bench arguments),
+# TESTS_LIMIT_S, SUITE_LIMIT_S, E2E_LIMIT_S, CROSSVIT_KERNELS_NO_EXT=1 (skip the extension build),
+# GPU_RUN_SKIP_INSTALL=1 (use the package as already installed; install is also skipped when the
+# package and its CUDA extension already import, e.g. on a machine kept warm between runs).
 set -u
 
 if [ $# -lt 1 ]; then
@@ -34,6 +38,9 @@ export PIP_DISABLE_PIP_VERSION_CHECK=1
 export PIP_NO_INDEX=1             # never reach for the network
 export MAX_JOBS=${MAX_JOBS:-16}
 unset TRITON_INTERPRET
+
+STEPS=",${GPU_RUN_STEPS:-install,machine,tests,kernels,suite,e2e},"
+want() { case "$STEPS" in *",$1,"*) return 0 ;; *) return 1 ;; esac; }
 
 log() { echo "[gpu_run $(date -u +%H:%M:%S) +$(( $(date +%s) - START ))s] $*"; }
 
@@ -75,8 +82,13 @@ install_pkg() {
     return 1
 }
 log "install (pip -e, no deps, no network)"
-if [ "${GPU_RUN_SKIP_INSTALL:-0}" = 1 ]; then
+if ! want install; then
+    log "install not in GPU_RUN_STEPS: using the package as installed"
+elif [ "${GPU_RUN_SKIP_INSTALL:-0}" = 1 ]; then
     log "GPU_RUN_SKIP_INSTALL=1: using the package as installed"
+elif "$PY" -c "import crossvit_kernels._C_cuda, crossvit_kernels._C_cpu" 2>/dev/null \
+        && [ "$("$PY" -c 'import os, crossvit_kernels as c; print(os.path.dirname(os.path.dirname(c.__file__)))')" = "$REPO" ]; then
+    log "the package and its extension already import from $REPO: install skipped"
 elif install_pkg > "$OUT/install.log" 2>&1; then
     log "installed (log: $OUT/install.log)"
 else
@@ -86,7 +98,7 @@ else
 fi
 
 # -- 2. the machine ----------------------------------------------------------------------------
-{
+want machine && {
     echo "date: $(date -u)"
     echo "host: $(hostname)"
     echo "git: $(git rev-parse HEAD 2>/dev/null) $(git status --porcelain --untracked-files=no 2>/dev/null | wc -l) modified files"
@@ -110,36 +122,47 @@ for name in ("triton", "timm", "numpy", "matplotlib", "pytest", "pytest_benchmar
 EOF
     "$PY" -m crossvit_kernels.info || echo "crossvit_kernels.info failed"
 } > "$OUT/machine.txt" 2>&1
-cat "$OUT/machine.txt"
+want machine && cat "$OUT/machine.txt"
 if ! "$PY" -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)"; then
     log "WARNING: no CUDA device visible; the GPU benchmarks will fail"
 fi
 
 # -- 3. tests (GPU-only tests run here) --------------------------------------------------------
+# several workers when pytest-xdist is there (the GPU is shared; this is a correctness run)
+XDIST=""
+"$PY" -c "import xdist" 2>/dev/null && XDIST="-n ${PYTEST_WORKERS:-8}"
 # shellcheck disable=SC2086
-step "tests" 600 tests.log "$PY" -m pytest tests -q -ra -p no:cacheprovider ${PYTEST_ARGS:-}
+want tests && step "tests" "${TESTS_LIMIT_S:-600}" tests.log "$PY" -m pytest tests -q -ra -p no:cacheprovider \
+    $XDIST ${PYTEST_ARGS:-}
 
 # -- 4. the microbenchmark suite ---------------------------------------------------------------
 # shellcheck disable=SC2086
-step "benchmarks/run.py" 840 run.log "$PY" benchmarks/run.py --device cuda --dtypes bf16,fp32 \
+want suite && step "benchmarks/run.py" "${SUITE_LIMIT_S:-840}" run.log "$PY" benchmarks/run.py --device cuda --dtypes bf16,fp32 \
     --out "$OUT/run" ${BENCH_ARGS:-}
 
 # -- 5. kernel-specific scripts and the end-to-end CLI, where present -------------------------
 for script in bench_triton_cross_attention bench_triton_patch_embed; do
+    want kernels || continue
+    extra=${CA_ARGS:-}
+    [ "$script" = bench_triton_patch_embed ] && extra=${PE_ARGS:-}
     if [ -f "benchmarks/$script.py" ]; then
-        step "$script" 300 "$script.log" "$PY" "benchmarks/$script.py" --out "$OUT/$script"
+        # shellcheck disable=SC2086
+        step "$script" 300 "$script.log" "$PY" "benchmarks/$script.py" --out "$OUT/$script.json" $extra
     else
         log "SKIP $script: benchmarks/$script.py does not exist"
         SKIPPED+=("$script (absent)")
     fi
 done
-if "$PY" -c "import importlib.util, sys; sys.exit(0 if importlib.util.find_spec('crossvit_kernels.benchmark') else 1)" 2>/dev/null; then
+if ! want e2e; then
+    :
+elif "$PY" -c "import importlib.util, sys; sys.exit(0 if importlib.util.find_spec('crossvit_kernels.benchmark') else 1)" 2>/dev/null; then
     HELP=$("$PY" -m crossvit_kernels.benchmark --help 2>/dev/null)
     if echo "$HELP" | grep -q -- "--results-file"; then
         # the paper's model and the largest 240-px one, bf16, inference and training, timm alongside
-        step "crossvit_kernels.benchmark" 420 e2e.log "$PY" -m crossvit_kernels.benchmark \
-            --model crossvit_small_240 crossvit_18_240 --bench both --precision bf16 --batch-size 256 \
-            --results-file "$OUT/e2e_bf16.json"
+        # shellcheck disable=SC2086
+        step "crossvit_kernels.benchmark" "${E2E_LIMIT_S:-420}" e2e.log "$PY" -m crossvit_kernels.benchmark \
+            ${E2E_ARGS:---model crossvit_small_240 crossvit_18_240 --bench both --precision bf16 --batch-size 256} \
+            --results-file "$OUT/e2e.csv"
     elif echo "$HELP" | grep -q -- "--out"; then
         step "crossvit_kernels.benchmark" 420 e2e.log "$PY" -m crossvit_kernels.benchmark --out "$OUT/e2e"
     else
