@@ -14,7 +14,7 @@
 # machine, tests, kernels, suite, e2e; default all), BENCH_ARGS (extra arguments of run.py),
 # PYTEST_ARGS, CA_ARGS / PE_ARGS (extra arguments of bench_triton_cross_attention.py /
 # bench_triton_patch_embed.py), E2E_ARGS (replaces the end-to-end CLI's model/bench arguments),
-# TESTS_LIMIT_S, SUITE_LIMIT_S, E2E_LIMIT_S, CROSSVIT_KERNELS_NO_EXT=1 (skip the extension build),
+# TESTS_LIMIT_S, SUITE_LIMIT_S, E2E_LIMIT_S, CA_LIMIT_S, PE_LIMIT_S, CROSSVIT_KERNELS_NO_EXT=1 (skip the extension build),
 # GPU_RUN_SKIP_INSTALL=1 (use the package as already installed; install is also skipped when the
 # package and its CUDA extension already import, e.g. on a machine kept warm between runs).
 set -u
@@ -147,7 +147,9 @@ for script in bench_triton_cross_attention bench_triton_patch_embed; do
     [ "$script" = bench_triton_patch_embed ] && extra=${PE_ARGS:-}
     if [ -f "benchmarks/$script.py" ]; then
         # shellcheck disable=SC2086
-        step "$script" 300 "$script.log" "$PY" "benchmarks/$script.py" --out "$OUT/$script.json" $extra
+        limit=${CA_LIMIT_S:-300}
+        [ "$script" = bench_triton_patch_embed ] && limit=${PE_LIMIT_S:-300}
+        step "$script" "$limit" "$script.log" "$PY" "benchmarks/$script.py" --out "$OUT/$script.json" $extra
     else
         log "SKIP $script: benchmarks/$script.py does not exist"
         SKIPPED+=("$script (absent)")
