@@ -10,7 +10,9 @@ batch and dtype, times the whole op (CLS LayerNorm, projections, the core, outpu
                  over a single query (what one would write with PyTorch's fused attention),
 
 for the forward ("fwd", under no_grad) and forward plus backward ("fwd+bwd"), with
-``triton.testing.do_bench`` (median and 20 / 80 % quantiles, milliseconds).
+``_gpu_timing.time_both``: eager (do_bench on the Python call) and CUDA-graph replay (device time),
+medians and 20 / 80 % quantiles in milliseconds; the roofline fraction uses the graph time. ``timm``
+is timm's CrossAttentionBlock with the same weights, after the torch.cat its fusion stage runs.
 
 Roofline: the op must read the tokens at least once (forward), and once more plus write their
 gradient once (backward). ``roofline_ms = bytes / bandwidth`` with bytes = B * N * C * element size
@@ -44,7 +46,7 @@ MODELS = {
             (1157, 192, 6), (577, 384, 6)],      # crossvit_15_dagger_408
 }
 DTYPES = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}
-BACKENDS = ("triton", "torch", "reference", "sdpa")
+BACKENDS = ("timm", "triton", "torch", "reference", "sdpa")
 PARAMS = ("norm_weight", "norm_bias", "wq", "bq", "wk", "bk", "wv", "bv", "wo", "bo")
 
 
@@ -78,22 +80,39 @@ def sdpa_cross_attention(torch, F, t, H, eps=1e-6):
     return x_cls + F.linear(o, t["wo"], t["bo"])
 
 
+def timm_block(torch, t, H):
+    """timm's CrossAttentionBlock with the same weights (eps 1e-6 as in timm's CrossViT) and the
+    torch.cat that timm's fusion stage runs before it."""
+    from timm.models.crossvit import CrossAttentionBlock
+    C = t["x_cls"].shape[1]
+    blk = CrossAttentionBlock(C, H, mlp_ratio=1.0, qkv_bias=True)
+    blk.norm1.eps = 1e-6
+    blk = blk.to(device=t["x_cls"].device, dtype=t["x_cls"].dtype)
+    with torch.no_grad():
+        blk.norm1.weight.copy_(t["norm_weight"])
+        blk.norm1.bias.copy_(t["norm_bias"])
+        for name in ("q", "k", "v"):
+            getattr(blk.attn, "w" + name).weight.copy_(t["w" + name])
+            getattr(blk.attn, "w" + name).bias.copy_(t["b" + name])
+        blk.attn.proj.weight.copy_(t["wo"])
+        blk.attn.proj.bias.copy_(t["bo"])
+    blk.requires_grad_(t["x_cls"].requires_grad)
+    return blk
+
+
 def make_fn(torch, F, backend, t, H):
+    """(callable, its differentiable leaves)."""
     if backend == "sdpa":
-        return lambda: sdpa_cross_attention(torch, F, t, H)
+        return (lambda: sdpa_cross_attention(torch, F, t, H)), list(t.values())
+    if backend == "timm":
+        blk = timm_block(torch, t, H)
+        x_cls, x_tok = t["x_cls"], t["branch"][:, 1:]
+        fn = lambda: blk(torch.cat([x_cls.unsqueeze(1), x_tok], dim=1)).squeeze(1)  # noqa: E731
+        return fn, [x_cls, t["branch"]] + list(blk.parameters())
     from crossvit_kernels.ops import cross_attention
     args = [t[n] for n in PARAMS]
-    return lambda: cross_attention(t["x_cls"], t["branch"][:, 1:], *args, num_heads=H, backend=backend)
-
-
-def copy_bandwidth(torch, do_bench, device):
-    """Bytes per millisecond of a device-to-device copy (read + write), measured in this run."""
-    n = 256 * 2 ** 20
-    src = torch.empty(n, dtype=torch.uint8, device=device)
-    dst = torch.empty_like(src)
-    ms = do_bench(lambda: dst.copy_(src), warmup=25, rep=200, quantiles=[0.5])
-    ms = ms[0] if isinstance(ms, (list, tuple)) else ms
-    return 2 * n / ms
+    fn = lambda: cross_attention(t["x_cls"], t["branch"][:, 1:], *args, num_heads=H, backend=backend)  # noqa: E731
+    return fn, list(t.values())
 
 
 def environment(torch, device):
@@ -113,20 +132,22 @@ def environment(torch, device):
     return env
 
 
-def bench_gpu(args, device=None, do_bench=None):
-    """The GPU sweep (``device`` and ``do_bench`` can be replaced to smoke-test this function)."""
+def bench_gpu(args, device=None):
+    """The GPU sweep: every case timed eagerly and as a CUDA-graph replay (``_gpu_timing``)."""
     import torch
     import torch.nn.functional as F
-    if do_bench is None:
-        from triton.testing import do_bench
+    from _gpu_timing import copy_bandwidth, time_both
 
-    device = torch.device("cuda") if device is None else torch.device(device)
+    device = torch.device("cuda", torch.cuda.current_device()) if device is None else torch.device(device)
     env = environment(torch, device)
-    bw = copy_bandwidth(torch, do_bench, device)
-    print(f"# {env['device']}: copy bandwidth {bw / 1e9:.0f} GB/s; torch {env['torch']}, triton {env['triton']}",
-          flush=True)
+    bw = copy_bandwidth(device)
+    print(f"# {env['device']}: copy bandwidth {bw / 1e9:.0f} GB/s (read + write); torch {env['torch']}, "
+          f"triton {env['triton']}", flush=True)
+    print("# eager = do_bench on the Python call (host overhead included); graph = CUDA-graph replay "
+          "(device time); roofline = tokens read once (fwd) / read twice + gradient written (fwd+bwd)", flush=True)
     rows = []
     shapes = [(m, s) for m in args.models.split(",") for s in MODELS[m]]
+    backends = args.backends.split(",")
     for dname in args.dtypes.split(","):
         dtype = getattr(torch, DTYPES[dname])
         elem = torch.empty((), dtype=dtype).element_size()
@@ -136,36 +157,43 @@ def bench_gpu(args, device=None, do_bench=None):
                     grad = mode == "fwd+bwd"
                     t = make_inputs(torch, B, N, C, dtype, device, grad)
                     g_out = torch.randn(B, C, device=device, dtype=dtype)
-                    leaves = list(t.values())
                     token_bytes = B * N * C * elem * (3 if grad else 1)
-                    roofline_ms = token_bytes / bw
-                    for backend in args.backends.split(","):
-                        fn = make_fn(torch, F, backend, t, H)
-                        if grad:
-                            def step(fn=fn):
-                                fn().backward(g_out)
-                        else:
-                            def step(fn=fn):
-                                with torch.no_grad():
-                                    fn()
+                    roofline_ms = token_bytes / bw * 1e3
+                    timm_ms = None
+                    for backend in backends:
                         row = dict(env, op="cross_attention", model=model, dtype=dname, B=B, N=N, C=C, H=H,
                                    mode=mode, backend=backend, bandwidth_GBps=bw / 1e9, bytes_once=token_bytes,
                                    roofline_ms=roofline_ms)
                         try:
-                            q20, med, q80 = do_bench(step, warmup=args.warmup, rep=args.rep,
-                                                     quantiles=[0.2, 0.5, 0.8],
-                                                     grad_to_none=leaves if grad else None)
-                            row.update(median_ms=med, q20_ms=q20, q80_ms=q80, fraction=roofline_ms / med)
-                            msg = f"{med:9.4f} ms  ({row['fraction'] * 100:5.1f}% of roofline)"
+                            fn, leaves = make_fn(torch, F, backend, t, H)
+                            if grad:
+                                leaves = [x for x in leaves if x.requires_grad]
+
+                                def step(fn=fn, leaves=leaves):
+                                    return torch.autograd.grad(fn(), leaves, g_out, allow_unused=True)
+                            else:
+                                def step(fn=fn):
+                                    with torch.no_grad():
+                                        return fn()
+                            row.update(time_both(step, args.warmup, args.rep))
+                            row["fraction"] = roofline_ms / row["median_ms"]
+                            if backend == "timm":
+                                timm_ms = row["median_ms"]
+                            if timm_ms is not None:
+                                row["speedup_vs_timm"] = timm_ms / row["median_ms"]
+                            graph = (f"graph {row['graph_median_ms']:8.4f} ms" if "graph_median_ms" in row
+                                     else f"graph failed: {row.get('graph_error', '')[:60]}")
+                            msg = (f"eager {row['eager_median_ms']:8.4f} ms  {graph}  "
+                                   f"{row['fraction'] * 100:5.1f}% of roofline"
+                                   + (f"  {row['speedup_vs_timm']:5.2f}x timm" if "speedup_vs_timm" in row else ""))
                         except Exception as exc:  # an out-of-memory textbook run at large B, say
                             row.update(error=f"{type(exc).__name__}: {exc}"[:300])
-                            msg = f"failed: {row['error'][:80]}"
-                            if device.type == "cuda":
-                                torch.cuda.empty_cache()
+                            msg = f"failed: {row['error'][:100]}"
+                            torch.cuda.empty_cache()
                         rows.append(row)
                         print(f"{dname:5s} {model:>4s} N={N:5d} C={C:4d} H={H:2d} B={B:4d} {mode:8s} "
                               f"{backend:10s} {msg}", flush=True)
-                    del t, leaves
+                    del t
     return rows
 
 
@@ -181,7 +209,7 @@ def bench_quick(args):
         for mode in ("fwd", "fwd+bwd"):
             grad = mode == "fwd+bwd"
             t = make_inputs(torch, B, N, C, torch.float32, device, grad)
-            fn = make_fn(torch, F, "torch", t, H)
+            fn, _ = make_fn(torch, F, "torch", t, H)
             times = []
             for i in range(8):
                 for v in t.values():

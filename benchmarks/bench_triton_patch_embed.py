@@ -121,36 +121,31 @@ def _copy_bandwidth(device, nbytes=256 << 20):
 
 
 def _run_one(backend, t, mode, images_grad):
+    """Eager and CUDA-graph timings (``_gpu_timing``) of one backend: the forward under no_grad,
+    or the forward and the gradients of every input that needs one."""
     import torch
+    from _gpu_timing import time_both
     from crossvit_kernels.ops.patch_embed import patch_embed
     args = [t[k] for k in ("images", "weight", "bias", "pos_embed", "cls_token")]
     if mode == "fwd":
         def fn():
             with torch.no_grad():
                 return patch_embed(*args, backend=backend)
-        m = _bench(fn)
-        if m["median_ms"] < 0.05:  # microseconds: also time without launch overhead
-            try:
-                from triton.testing import do_bench_cudagraph
-                q = do_bench_cudagraph(fn, rep=20, quantiles=[0.5, 0.2, 0.8])
-                m.update(graph_median_ms=q[0], graph_p20_ms=q[1], graph_p80_ms=q[2])
-            except Exception as exc:  # capture can fail on some stacks; say so in the row
-                m["graph_error"] = f"{type(exc).__name__}: {exc}"[:200]
-        return m
+        return time_both(fn)
     leaves = [a.detach().requires_grad_(True) for a in args]
     if not images_grad:
         leaves[0].requires_grad_(False)
     g = t["grad_out"]
+    wrt = [x for x in leaves if x.requires_grad]
 
     def fn():
-        patch_embed(*leaves, backend=backend).backward(g)
-    return _bench(fn, grad_to_none=[x for x in leaves if x.requires_grad])
+        return torch.autograd.grad(patch_embed(*leaves, backend=backend), wrt, g)
+    return time_both(fn)
 
 
 def gpu_main(args):
     import torch
-    device = torch.device("cuda")
-    torch.cuda.set_device(device)
+    device = torch.device("cuda", torch.cuda.current_device())
     dev_name = torch.cuda.get_device_name(device)
     versions = _versions()
     bw = _copy_bandwidth(device)
@@ -180,6 +175,7 @@ def gpu_main(args):
                         nbytes = _bytes(B, px, patch, C, es, mode, args.images_grad)
                         t_mm, t_bw = flops / rate * 1e3, nbytes / bw * 1e3
                         roof = max(t_mm, t_bw)
+                        ref_ms = None
                         for backend in args.backends:
                             try:
                                 m = _run_one(backend, t, mode, args.images_grad)
@@ -195,9 +191,17 @@ def gpu_main(args):
                                        bound="matrix" if t_mm >= t_bw else "memory",
                                        fraction=roof / m["median_ms"], versions=versions)
                             rows.append(row)
+                            if backend == "reference":
+                                ref_ms = m["median_ms"]
+                            if ref_ms is not None:
+                                row["speedup_vs_timm"] = ref_ms / m["median_ms"]
+                            graph = (f"graph {m['graph_median_ms']:8.4f} ms" if "graph_median_ms" in m
+                                     else f"graph failed: {m.get('graph_error', '')[:60]}")
                             print(f"{dname} {cname} C={C:4d} B={B:4d} {mode:7s} {backend:9s} "
-                                  f"{m['median_ms']:9.4f} ms  [{m['p20_ms']:.4f}, {m['p80_ms']:.4f}]  "
-                                  f"{row['fraction'] * 100:5.1f}% of {row['bound']} roofline", flush=True)
+                                  f"eager {m['eager_median_ms']:8.4f} ms  {graph}  "
+                                  f"{row['fraction'] * 100:5.1f}% of {row['bound']} roofline"
+                                  + (f"  {row['speedup_vs_timm']:5.2f}x timm" if "speedup_vs_timm" in row else ""),
+                                  flush=True)
                     del t
     return rows
 
