@@ -29,3 +29,15 @@ def pytest_configure(config):
 def _seed():
     torch.manual_seed(0)
     yield
+
+
+_FAIL_LOG = os.environ.get("CROSSVIT_KERNELS_TEST_FAIL_LOG")
+
+
+def pytest_runtest_logreport(report):
+    """With CROSSVIT_KERNELS_TEST_FAIL_LOG set, append each failure (test id and traceback) to that
+    file as it happens: a run cut short by a time limit (a borrowed GPU machine) still says what
+    failed and why. Written by the controlling process only (pytest-xdist forwards the reports)."""
+    if _FAIL_LOG and report.failed and not os.environ.get("PYTEST_XDIST_WORKER"):
+        with open(_FAIL_LOG, "a") as f:
+            f.write(f"==== {report.nodeid} ({report.when})\n{report.longreprtext[-4000:]}\n")
