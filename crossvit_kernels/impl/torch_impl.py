@@ -58,16 +58,18 @@ def _stats(x: Tensor, eps: float) -> Tuple[Tensor, Tensor, Tensor]:
 
 
 def cross_attention_core_forward(x_cls: Tensor, x_tokens: Tensor, w: Tensor, eps: float):
+    # Contractions written as matmul over (B, ...) batches rather than einsum: the same products,
+    # but einsum's Python parsing and permute/view bookkeeping dominate at CrossViT's sizes.
     acc = _acc(x_cls.dtype)
     w = w.to(acc)
     xh0, mean0, rstd0 = _stats(x_cls.to(acc), eps)                      # (B, C), (B,), (B,)
     xht, meant, rstdt = _stats(x_tokens.to(acc), eps)                    # (B, M, C), (B, M), (B, M)
-    s0 = torch.einsum("bhc,bc->bh", w, xh0)                               # (B, H)
-    st = torch.einsum("bhc,bmc->bhm", w, xht)                             # (B, H, M)
+    s0 = (w @ xh0.unsqueeze(-1)).squeeze(-1)                              # (B, H)
+    st = w @ xht.transpose(1, 2)                                          # (B, H, M)
     lse = torch.logsumexp(torch.cat([s0.unsqueeze(-1), st], dim=-1), dim=-1)   # (B, H)
     a0 = torch.exp(s0 - lse)
     at = torch.exp(st - lse.unsqueeze(-1))
-    z = a0.unsqueeze(-1) * xh0.unsqueeze(1) + torch.einsum("bhm,bmc->bhc", at, xht)
+    z = torch.baddbmm(a0.unsqueeze(-1) * xh0.unsqueeze(1), at, xht)      # (B, H, C)
     mean = torch.cat([mean0.unsqueeze(1), meant], dim=1)
     rstd = torch.cat([rstd0.unsqueeze(1), rstdt], dim=1)
     return z.contiguous(), lse.contiguous(), mean, rstd
@@ -83,16 +85,17 @@ def cross_attention_core_backward(x_cls, x_tokens, w, z, lse, mean, rstd, dz):
     mean, rstd = mean.to(acc), rstd.to(acc)
     xh0 = (x_cls.to(acc) - mean[:, :1]) * rstd[:, :1]
     xht = (x_tokens.to(acc) - mean[:, 1:].unsqueeze(-1)) * rstd[:, 1:].unsqueeze(-1)
-    a0 = torch.exp(torch.einsum("bhc,bc->bh", w, xh0) - lse)
-    at = torch.exp(torch.einsum("bhc,bmc->bhm", w, xht) - lse.unsqueeze(-1))
+    xht_t = xht.transpose(1, 2)                                          # (B, C, M)
+    a0 = torch.exp((w @ xh0.unsqueeze(-1)).squeeze(-1) - lse)            # (B, H)
+    at = torch.exp(w @ xht_t - lse.unsqueeze(-1))                        # (B, H, M)
     dzz = (dz * z).sum(-1)                                               # (B, H)
-    ds0 = a0 * (torch.einsum("bhc,bc->bh", dz, xh0) - dzz)
-    dst = at * (torch.einsum("bhc,bmc->bhm", dz, xht) - dzz.unsqueeze(-1))
-    dxh0 = torch.einsum("bh,bhc->bc", a0, dz) + torch.einsum("bh,bhc->bc", ds0, w)
-    dxht = torch.einsum("bhm,bhc->bmc", at, dz) + torch.einsum("bhm,bhc->bmc", dst, w)
+    ds0 = a0 * ((dz @ xh0.unsqueeze(-1)).squeeze(-1) - dzz)
+    dst = at * (dz @ xht_t - dzz.unsqueeze(-1))
+    dxh0 = (a0.unsqueeze(1) @ dz + ds0.unsqueeze(1) @ w).squeeze(1)      # (B, C)
+    dxht = at.transpose(1, 2) @ dz + dst.transpose(1, 2) @ w             # (B, M, C)
     dx_cls = _layer_norm_backward(dxh0, xh0, rstd[:, 0])
     dx_tokens = _layer_norm_backward(dxht, xht, rstd[:, 1:])
-    dw = ds0.unsqueeze(-1) * xh0.unsqueeze(1) + torch.einsum("bhm,bmc->bhc", dst, xht)
+    dw = torch.baddbmm(ds0.unsqueeze(-1) * xh0.unsqueeze(1), dst, xht)  # (B, H, C)
     return dx_cls.to(x_cls.dtype).contiguous(), dx_tokens.to(x_tokens.dtype).contiguous(), dw.contiguous()
 
 

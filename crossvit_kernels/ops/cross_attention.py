@@ -7,8 +7,8 @@ import torch
 import torch.nn.functional as F
 
 from .. import backends as _backends
-from . import _library  # noqa: F401  (registers the torch.library ops)
-from ._checks import check_backend_arg, check_same, check_tensor
+from . import _library  # registers the torch.library ops
+from ._checks import FLOAT_DTYPES, check_backend_arg, check_same, check_tensor
 
 Tensor = torch.Tensor
 
@@ -69,6 +69,45 @@ def cross_attention(
 
 
 def _validate(x_cls, x_tokens, norm_weight, norm_bias, wq, bq, wk, bk, wv, bv, wo, bo, num_heads, eps, backend):
+    if _valid_fast(x_cls, x_tokens, norm_weight, norm_bias, wq, bq, wk, bk, wv, bv, wo, bo, num_heads, eps, backend):
+        return
+    _validate_full(x_cls, x_tokens, norm_weight, norm_bias, wq, bq, wk, bk, wv, bv, wo, bo, num_heads, eps, backend)
+
+
+def _valid_fast(x_cls, x_tokens, norm_weight, norm_bias, wq, bq, wk, bk, wv, bv, wo, bo, num_heads, eps, backend):
+    """True when every check of :func:`_validate_full` passes, decided with a few attribute reads.
+
+    The op is host-bound at CrossViT's sizes, and the full checks (twelve ``check_tensor`` calls,
+    a dict, a device comparison per tensor) cost as much as several kernel launches. This is the
+    same set of conditions, tested in one pass against ``x_cls``; any failure (or anything
+    unusual) falls through to the full checks, which raise the precise message.
+    """
+    if not (isinstance(x_cls, Tensor) and isinstance(x_tokens, Tensor) and x_cls.dim() == 2
+            and x_tokens.dim() == 3 and x_cls.dtype in FLOAT_DTYPES):
+        return False
+    B, C = x_cls.shape
+    if B == 0 or C == 0 or x_tokens.shape[0] != B or x_tokens.shape[2] != C:
+        return False
+    if type(num_heads) is not int or num_heads <= 0 or C % num_heads:
+        return False
+    if type(eps) not in (float, int) or not eps > 0:
+        return False
+    if backend is not None and not isinstance(backend, str):
+        return False
+    dtype, device = x_cls.dtype, x_cls.device
+    if x_tokens.dtype != dtype or x_tokens.device != device:
+        return False
+    for t in (wq, wk, wv, wo):
+        if not isinstance(t, Tensor) or t.dtype != dtype or t.device != device or t.shape != (C, C):
+            return False
+    for t in (norm_weight, norm_bias, bq, bk, bv, bo):
+        if t is not None and (not isinstance(t, Tensor) or t.dtype != dtype or t.device != device
+                              or t.shape != (C,)):
+            return False
+    return True
+
+
+def _validate_full(x_cls, x_tokens, norm_weight, norm_bias, wq, bq, wk, bk, wv, bv, wo, bo, num_heads, eps, backend):
     check_tensor("x_cls", x_cls, ndim=2)
     check_tensor("x_tokens", x_tokens, ndim=3)
     B, C = x_cls.shape
@@ -127,31 +166,43 @@ def _reference_delta(x_cls, x_tokens, norm_weight, norm_bias, wq, bq, wk, bk, wv
 
 
 def _absorbed_delta(x_cls, x_tokens, norm_weight, norm_bias, wq, bq, wk, bk, wv, bv, wo, bo, H, eps, backend):
+    # Host-bound at CrossViT's sizes (every GEMM here has B rows): each line is the fewest eager
+    # ops, and so the fewest autograd nodes, that compute it. Per-head products are bmm over views
+    # (torch.einsum costs several times a bmm in Python and adds permute/view nodes), bias adds and
+    # scales are folded into baddbmm / addcmul / one (C,) vector, and nothing is cast when the
+    # dtype is already the accumulation dtype.
     B, C = x_cls.shape
     d = C // H
     dtype = x_cls.dtype
     acc = torch.float64 if dtype == torch.float64 else torch.float32
-
-    def up(t):
-        return None if t is None else t.to(acc)
-
-    gamma, beta = up(norm_weight), up(norm_bias)
-    # The O(C^2) projections run in float32 around the core (a few GEMMs of B rows).
-    y0 = F.layer_norm(x_cls.to(acc), (C,), gamma, beta, eps)                          # (B, C)
-    q = F.linear(y0, wq.to(acc), up(bq)).reshape(B, H, d)
-    u = torch.einsum("bhd,hdc->bhc", q, wk.to(acc).reshape(H, d, C)) * d ** -0.5       # key absorbed
-    w = u * gamma if gamma is not None else u                                          # gamma folded
-    z, _, _, _ = torch.ops.crossvit_kernels.cross_attention_core(x_cls, x_tokens, w, eps, backend)
-    zz = z * gamma if gamma is not None else z
-    if beta is not None:
-        zz = zz + beta
-    o = torch.einsum("bhc,hdc->bhd", zz, wv.to(acc).reshape(H, d, C))                  # value applied after
-    if bv is not None:
-        o = o + bv.to(acc).reshape(H, d)
-    out = F.linear(o.reshape(B, C), wo.to(acc), up(bo))
-    if bk is not None and bk.requires_grad:
+    x0 = x_cls
+    if dtype != acc:  # the O(C^2) projections run in float32 around the core (a few GEMMs of B rows)
+        x0, norm_weight, norm_bias, wq, bq, wk, bv, wv, wo, bo = (
+            None if t is None else t.to(acc)
+            for t in (x_cls, norm_weight, norm_bias, wq, bq, wk, bv, wv, wo, bo))
+    gamma, beta = norm_weight, norm_bias
+    y0 = F.layer_norm(x0, (C,), gamma, beta, eps)                                        # (B, C)
+    q = F.linear(y0, wq, bq)                                                             # (B, C)
+    # key absorbed, per head: (H, B, d) @ (H, d, C) -> (H, B, C), seen as (B, H, C)
+    u = torch.bmm(q.view(B, H, d).transpose(0, 1), wk.reshape(H, d, C)).transpose(0, 1)
+    scale = gamma * d ** -0.5 if gamma is not None else None                             # gamma folded
+    if bk is not None and bk.requires_grad and torch.is_grad_enabled():
         # The key bias shifts every score of a head by the same amount: softmax ignores it. Tie it
         # to the graph with an exact zero so that it gets the zero gradient timm gives it (an
         # optimizer with weight decay treats "no gradient" and "zero gradient" differently).
-        out = out + (bk.to(acc) * 0).sum()
-    return out.to(dtype)
+        if scale is None:
+            scale = torch.full((C,), d ** -0.5, dtype=acc, device=x_cls.device)
+        scale = torch.add(scale, bk, alpha=0)
+    w = u * scale if scale is not None else u * d ** -0.5                                # (B, H, C)
+    z, _, _, _ = _library.run_cross_attention_core(x_cls, x_tokens, w, eps, backend)
+    if gamma is not None and beta is not None:
+        z = torch.addcmul(beta, z, gamma)
+    elif gamma is not None:
+        z = z * gamma
+    elif beta is not None:
+        z = z + beta
+    # value applied after, per head: (H, B, C) @ (H, C, d) -> (H, B, d), plus the value bias
+    zt, wvt = z.transpose(0, 1), wv.reshape(H, d, C).transpose(1, 2)
+    o = torch.baddbmm(bv.reshape(H, 1, d), zt, wvt) if bv is not None else torch.bmm(zt, wvt)
+    out = F.linear(o.transpose(0, 1).reshape(B, C), wo, bo)
+    return out if dtype == acc else out.to(dtype)

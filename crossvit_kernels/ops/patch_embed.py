@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 
 from .. import backends as _backends
-from . import _library  # noqa: F401  (registers the torch.library ops)
+from . import _library  # registers the torch.library ops
 from ._checks import check_backend_arg, check_same, check_tensor
 
 Tensor = torch.Tensor
@@ -73,4 +73,4 @@ def patch_embed(
         x = F.conv2d(images, weight, bias, stride=(ph, pw)).flatten(2).transpose(1, 2)
         x = torch.cat([cls_token.reshape(1, 1, C).expand(B, -1, -1), x], dim=1)
         return x + pos_embed.unsqueeze(0)
-    return torch.ops.crossvit_kernels.patch_embed(images, weight, bias, pos_embed, cls_token, name)
+    return _library.run_patch_embed(images, weight, bias, pos_embed, cls_token, name)
