@@ -99,7 +99,7 @@ def _patch_embed_fwd_kernel(
         if DOT_FP32:
             a = a.to(tl.float32)
             w = w.to(tl.float32)
-        acc = tl.dot(a, w, acc, input_precision=INPUT_PRECISION)
+        acc = tl.dot(a, w, acc, input_precision=INPUT_PRECISION, out_dtype=acc.dtype)
 
     mask = row_ok[:, None] & col_ok[None, :]
     if HAS_BIAS:
@@ -154,7 +154,7 @@ def _patch_embed_bwd_dw_kernel(
         if DOT_FP32:
             g_t = g_t.to(tl.float32)
             a = a.to(tl.float32)
-        acc = tl.dot(g_t, a, acc, input_precision=INPUT_PRECISION)
+        acc = tl.dot(g_t, a, acc, input_precision=INPUT_PRECISION, out_dtype=acc.dtype)
 
     out = dw_ptr + split * C * K + (cols[:, None] * K + ks[None, :])
     tl.store(out, acc.to(dw_ptr.dtype.element_ty), mask=col_ok[:, None] & k_ok[None, :])
@@ -195,7 +195,7 @@ def _patch_embed_bwd_dx_kernel(
         if DOT_FP32:
             g = g.to(tl.float32)
             w = w.to(tl.float32)
-        acc = tl.dot(g, w, acc, input_precision=INPUT_PRECISION)
+        acc = tl.dot(g, w, acc, input_precision=INPUT_PRECISION, out_dtype=acc.dtype)
 
     d_col = _patch_cols(ks, s_dc, s_dh, s_dw, PH, PW)
     tl.store(dimages_ptr + (d_row[:, None] + d_col[None, :]), acc.to(dimages_ptr.dtype.element_ty),
