@@ -104,6 +104,15 @@ def _crossvit_embed(self, x: Tensor) -> List[Tensor]:
     return xs
 
 
+def _crossvit_forward_features(self, x: Tensor) -> List[Tensor]:
+    """``CrossVit.forward_features`` of timm releases without ``_embed`` (1.0.29 and older), where
+    the embedding is written inline: the same steps, with the embedding above."""
+    xs = _crossvit_embed(self, x)
+    for blk in self.blocks:
+        xs = blk(xs)
+    return [norm(xs[i]) for i, norm in enumerate(self.norm)]
+
+
 def _msb_forward(self, x: List[Tensor]) -> List[Tensor]:
     if self.blocks is None:
         outs_b, own = list(x), False
@@ -186,7 +195,7 @@ def _linear_patch_embed(pe: nn.Module) -> bool:
 
 
 def _patched_class(cls: type, methods: Dict[str, object]) -> type:
-    key = cls
+    key = (cls, tuple(sorted(methods.items())))   # one class per (timm class, set of replaced methods)
     if key not in _PATCHED_CLASSES:
         _PATCHED_CLASSES[key] = type(f"Fused{cls.__name__}", (cls,), dict(methods, __module__=__name__,
                                                                           __doc__=cls.__doc__))
@@ -246,7 +255,10 @@ def patch_timm(model: nn.Module, backend: Optional[str] = None, encoder: bool = 
     tc = _check_model(model, "patch_timm")
     if backend is not None:
         _backends._check_name(backend)
-    embed = {"_embed": _crossvit_embed}
+    if hasattr(tc.CrossVit, "_embed"):     # timm >= 1.0.30: forward_features and forward_intermediates use it
+        embed_name, embed = "_embed", {"_embed": _crossvit_embed}
+    else:                                  # older timm: the embedding is inline in forward_features
+        embed_name, embed = "forward_features", {"forward_features": _crossvit_forward_features}
     msb = {"forward": _msb_forward}
     cab = {"forward": _cab_forward, "forward_cls": _cab_forward_cls}
     # the fusion of every block first: a block whose cross-attention cannot be fused keeps it
@@ -267,7 +279,7 @@ def patch_timm(model: nn.Module, backend: Optional[str] = None, encoder: bool = 
                 _swap(m, {"forward": _block_forward}, backend)
             elif is_patched(m):   # patched before with encoder=True
                 _unswap(m)
-    if type(model)._embed is tc.CrossVit._embed or is_patched(model):
+    if getattr(type(model), embed_name) is getattr(tc.CrossVit, embed_name) or is_patched(model):
         _swap(model, embed, backend)
         for pe in model.patch_embed:
             pe.__dict__[_FUSED] = isinstance(pe, tc.PatchEmbed) and _linear_patch_embed(pe)

@@ -150,6 +150,37 @@ def test_small_configs_parity_train_and_eval(kw):
     _assert_parity(patched, ref, x, train=True)   # same RNG draws as timm: drop path masks agree
 
 
+def _timm_1_0_29_forward_features(self, x):
+    """CrossVit.forward_features as timm 1.0.29 and older write it: the embedding inline, no _embed."""
+    B = x.shape[0]
+    xs = []
+    for i, pe in enumerate(self.patch_embed):
+        x_ = pe(tc.scale_image(x, self.img_size_scaled[i], self.crop_scale))
+        cls_tokens = (self.cls_token_0 if i == 0 else self.cls_token_1).expand(B, -1, -1)
+        x_ = torch.cat((cls_tokens, x_), dim=1) + (self.pos_embed_0 if i == 0 else self.pos_embed_1)
+        xs.append(self.pos_drop(x_))
+    for blk in self.blocks:
+        xs = blk(xs)
+    return [norm(xs[i]) for i, norm in enumerate(self.norm)]
+
+
+@pytest.mark.parametrize("multi_conv", [False, True], ids=["linear", "dagger"])
+def test_timm_without_embed_method(monkeypatch, multi_conv):
+    """timm 1.0.29 (the GPU machine's) has no CrossVit._embed: patch_timm then replaces
+    forward_features, with the same parity, and unpatch_timm restores timm's."""
+    monkeypatch.delattr(tc.CrossVit, "_embed")
+    monkeypatch.setattr(tc.CrossVit, "forward_features", _timm_1_0_29_forward_features)
+    torch.manual_seed(0)
+    ref = _tiny(multi_conv=multi_conv)
+    patched = ck.patch_timm(copy.deepcopy(ref))
+    assert is_patched(patched) and type(patched).forward_features is not _timm_1_0_29_forward_features
+    x = torch.randn(3, 3, 48, 48)
+    _assert_parity(patched, ref, x, train=False)
+    _assert_parity(patched, ref, x, train=True)
+    ck.unpatch_timm(patched)
+    assert type(patched) is tc.CrossVit and not is_patched(patched)
+
+
 def test_encoder_fast_path_matches_at_inference_and_is_optional():
     from timm.models.vision_transformer import Block
     torch.manual_seed(0)

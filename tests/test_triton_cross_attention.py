@@ -140,9 +140,16 @@ def test_core_half_inputs(poisoned, dtype):
     (z, lse, mean, rstd), (dx_cls, dx_tokens, dw) = run_core(inputs, num_splits=2)
     ez, e_lse, emean, erstd = T.cross_attention_core_forward(inputs["x_cls"], inputs["x_tokens"], inputs["w"], EPS)
     tol = TOL[dtype]["atol"]
+    # The interpreter runs every product in float32: z and lse agree with torch_impl to float32
+    # rounding. A GPU runs the products of half inputs on TF32 tensor cores (the kernels' design:
+    # operands rounded to 10 mantissa bits, unit roundoff 2^-11): the scores and z then carry about
+    # 1e-3 relative error (seen on an H100: 2.3e-3 at |z| = 1.5), so they get a TF32 bound there.
+    # The statistics never go through a product and keep the float32 bound.
+    tf32 = HAS_GPU and not os.environ.get("TRITON_INTERPRET") == "1"
     for name, got, exp in (("z", z, ez), ("lse", lse, e_lse), ("mean", mean, emean), ("rstd", rstd, erstd)):
         assert got.dtype == torch.float32
-        assert_close(got, exp, atol=1e-4, rtol=1e-4, name=name)   # float32 math on exact half inputs
+        t = 1e-2 if tf32 and name in ("z", "lse") else 1e-4
+        assert_close(got, exp, atol=t, rtol=t, name=name)
     grads = K.cross_attention_core_backward(inputs["x_cls"], inputs["x_tokens"], inputs["w"], ez, e_lse, emean, erstd,
                                             inputs["dz"], num_splits=2)
     expected = T.cross_attention_core_backward(inputs["x_cls"], inputs["x_tokens"], inputs["w"], ez, e_lse, emean,
