@@ -70,6 +70,9 @@ step() {
     fi
 }
 
+# On a machine lent for at most 10 minutes per command, split the work across calls with
+# GPU_RUN_STEPS (install takes about 100 s there: the CUDA extension build).
+
 # -- 1. install --------------------------------------------------------------------------------
 install_pkg() {
     if timeout 600 "$PY" -m pip install --no-deps --no-build-isolation -e . ; then
@@ -128,11 +131,16 @@ if ! "$PY" -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1
 fi
 
 # -- 3. tests (GPU-only tests run here) --------------------------------------------------------
-# several workers when pytest-xdist is there (the GPU is shared; this is a correctness run)
+# several workers when pytest-xdist is there (the GPU is shared; this is a correctness run), two
+# CPU threads each (more oversubscribes the host); -v names every test as it ends and
+# CROSSVIT_KERNELS_TEST_FAIL_LOG records each failure with its traceback as it happens, so a run
+# cut short by its time limit still says what failed; a test that hangs is stopped after 150 s.
 XDIST=""
-"$PY" -c "import xdist" 2>/dev/null && XDIST="-n ${PYTEST_WORKERS:-8}"
+"$PY" -c "import xdist" 2>/dev/null && XDIST="-n ${PYTEST_WORKERS:-12}"
+"$PY" -c "import pytest_timeout" 2>/dev/null && XDIST="$XDIST --timeout=150"
 # shellcheck disable=SC2086
-want tests && step "tests" "${TESTS_LIMIT_S:-600}" tests.log "$PY" -m pytest tests -q -ra -p no:cacheprovider \
+want tests && OMP_NUM_THREADS=2 CROSSVIT_KERNELS_TEST_FAIL_LOG="$OUT/test_failures.txt" \
+    step "tests" "${TESTS_LIMIT_S:-600}" tests.log "$PY" -m pytest tests -v --tb=short -ra -p no:cacheprovider \
     $XDIST ${PYTEST_ARGS:-}
 
 # -- 4. the microbenchmark suite ---------------------------------------------------------------
