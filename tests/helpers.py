@@ -31,6 +31,42 @@ HAS_TRITON = importlib.util.find_spec("triton") is not None
 TRITON_INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 
 requires_gpu = pytest.mark.skipif(not HAS_GPU, reason="needs a CUDA GPU")
+
+#: Other Triton releases to compile the kernels with (compile-only checks): ``make test`` installs
+#: the GPU machine's release (Makefile: TRITON_COMPAT) under .triton-compat/<version>/.
+TRITON_COMPAT_ROOT = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), ".triton-compat")
+
+
+def triton_installs():
+    """[(id, path)] of the Triton installs the compile-only checks use: the bundled one (path None)
+    and each complete install under .triton-compat/ (a directory with its ``.stamp``)."""
+    out = [("bundled", None)]
+    if os.path.isdir(TRITON_COMPAT_ROOT):
+        for name in sorted(os.listdir(TRITON_COMPAT_ROOT)):
+            path = os.path.join(TRITON_COMPAT_ROOT, name)
+            if os.path.exists(os.path.join(path, ".stamp")) and os.path.isdir(os.path.join(path, "triton")):
+                out.append((f"triton-{name}", path))
+    return out
+
+
+def compile_env(path):
+    """Environment of a compile-only child process: the interpreter off, and ``path`` (a
+    .triton-compat install) ahead of the bundled Triton when given."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    if path is not None:
+        env["PYTHONPATH"] = path + os.pathsep + env.get("PYTHONPATH", "")
+        env["CROSSVIT_KERNELS_EXPECT_TRITON"] = os.path.basename(path)
+    return env
+
+
+def check_triton_version() -> str:
+    """In a compile-only child: the Triton version, after checking it is the one the parent asked
+    for (a .triton-compat install that did not shadow the bundled Triton would test nothing)."""
+    import triton
+    want = os.environ.get("CROSSVIT_KERNELS_EXPECT_TRITON")
+    if want and triton.__version__ != want:
+        raise SystemExit(f"expected Triton {want}, imported {triton.__version__} from {triton.__file__}")
+    return triton.__version__
 requires_triton = pytest.mark.skipif(not HAS_TRITON or not (HAS_GPU or TRITON_INTERPRET),
                                      reason="needs Triton and a GPU (or TRITON_INTERPRET=1)")
 

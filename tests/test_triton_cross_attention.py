@@ -19,8 +19,9 @@ import sys
 import pytest
 import torch
 
-from helpers import (FACTOR, GRAD_FACTOR, HAS_GPU, TOL, assert_close, assert_within_ref_error, cross_attention_inputs,
-                     max_err, poison_, requires_gpu, requires_triton, run_cross_attention, upcast)
+from helpers import (FACTOR, GRAD_FACTOR, HAS_GPU, TOL, assert_close, assert_within_ref_error, compile_env,
+                     cross_attention_inputs, max_err, poison_, requires_gpu, requires_triton, run_cross_attention,
+                     triton_installs, upcast)
 
 pytestmark = requires_triton
 
@@ -324,18 +325,20 @@ COMPILE_SPECS = [
 ]
 
 
-@pytest.fixture(scope="module")
-def gpu_compile_results():
+@pytest.fixture(scope="module", params=triton_installs(), ids=lambda t: t[0])
+def gpu_compile_results(request):
     """Compile every spec for sm_90 in one child process with the interpreter off (under
-    TRITON_INTERPRET=1 the kernels are Python functions and cannot be compiled)."""
-    env = dict(os.environ)
-    env.pop("TRITON_INTERPRET", None)
+    TRITON_INTERPRET=1 the kernels are Python functions and cannot be compiled), once with the
+    bundled Triton and once with each release under .triton-compat/ (the GPU machine's)."""
     code = ("import json, sys\n"
+            "sys.path.insert(0, sys.argv[2])\n"
+            "from helpers import check_triton_version\n"
+            "version = check_triton_version()\n"
             "from crossvit_kernels.triton.cross_attention import compile_for_gpu_target as f\n"
-            "print('RESULT' + json.dumps([f(*spec) for spec in json.loads(sys.argv[1])]))\n")
-    proc = subprocess.run([sys.executable, "-c", code, json.dumps(COMPILE_SPECS)], env=env, capture_output=True,
-                          text=True, timeout=900)
-    assert proc.returncode == 0, f"compiling for sm_90 failed:\n{proc.stderr[-4000:]}"
+            "print('RESULT' + json.dumps([dict(f(*spec), triton=version) for spec in json.loads(sys.argv[1])]))\n")
+    proc = subprocess.run([sys.executable, "-c", code, json.dumps(COMPILE_SPECS), os.path.dirname(__file__)],
+                          env=compile_env(request.param[1]), capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, f"compiling for sm_90 ({request.param[0]}) failed:\n{proc.stderr[-4000:]}"
     line = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT")][-1]
     return json.loads(line[len("RESULT"):])
 

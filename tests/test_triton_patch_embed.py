@@ -20,8 +20,8 @@ import sys
 import pytest
 import torch
 
-from helpers import (GRAD_FACTOR, HAS_GPU, HAS_TRITON, TOL, assert_close, assert_within_ref_error,
-                     requires_gpu, requires_triton)
+from helpers import (GRAD_FACTOR, HAS_GPU, HAS_TRITON, TOL, assert_close, assert_within_ref_error, compile_env,
+                     requires_gpu, requires_triton, triton_installs)
 
 DEVICE = "cuda" if HAS_GPU else "cpu"
 DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
@@ -379,9 +379,10 @@ def _nvidia_backend_reason():
 
 @pytest.mark.skipif(_nvidia_backend_reason() is not None, reason=str(_nvidia_backend_reason()))
 @pytest.mark.skipif(HAS_GPU, reason="on a GPU the other tests compile and run the kernels for the real device")
-def test_compiles_for_nvidia_sm90():
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    proc = subprocess.run([sys.executable, os.path.abspath(__file__), "--compile-check"], env=env,
+@pytest.mark.parametrize("install", triton_installs(), ids=lambda t: t[0])
+def test_compiles_for_nvidia_sm90(install):
+    """With the bundled Triton and each release under .triton-compat/ (the GPU machine's)."""
+    proc = subprocess.run([sys.executable, os.path.abspath(__file__), "--compile-check"], env=compile_env(install[1]),
                           capture_output=True, text=True, timeout=600,
                           cwd=os.path.dirname(os.path.abspath(__file__)))
     assert proc.returncode == 0 and "COMPILE-CHECK-OK" in proc.stdout, \
@@ -424,4 +425,6 @@ def test_gpu_fp32_follows_matmul_precision():
 if __name__ == "__main__":
     if "--compile-check" in sys.argv:
         sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+        from helpers import check_triton_version
+        print(f"Triton {check_triton_version()}", flush=True)
         _compile_check()
