@@ -3,16 +3,20 @@
 For each CrossViT fusion shape (N tokens = 1 CLS + the other branch's patches, width C, H heads),
 batch and dtype, times the whole op (CLS LayerNorm, projections, the core, output projection) of
 
+* ``timm``:      timm's CrossAttentionBlock with the same weights, after torch.cat (the baseline),
 * ``triton``:    ops.cross_attention(..., backend="triton") (the fused one-pass core),
 * ``torch``:     ops.cross_attention(..., backend="torch") (the same absorbed math in PyTorch ops),
 * ``reference``: ops.cross_attention(..., backend="reference") (the textbook form, as timm),
+* ``triton-core``: the one-pass core kernels alone (``torch.ops.crossvit_kernels.cross_attention_core``
+                 with a given absorbed query), without the O(C^2) projections around them: how far
+                 the kernels themselves are from the bytes-once floor,
 * ``sdpa``:      the textbook form with materialised K and V and F.scaled_dot_product_attention
                  over a single query (what one would write with PyTorch's fused attention),
 
 for the forward ("fwd", under no_grad) and forward plus backward ("fwd+bwd"), with
 ``_gpu_timing.time_both``: eager (do_bench on the Python call) and CUDA-graph replay (device time),
-medians and 20 / 80 % quantiles in milliseconds; the roofline fraction uses the graph time. ``timm``
-is timm's CrossAttentionBlock with the same weights, after the torch.cat its fusion stage runs.
+medians and 20 / 80 % quantiles in milliseconds; the roofline fraction and the speedup over timm
+use the graph time.
 
 Roofline: the op must read the tokens at least once (forward), and once more plus write their
 gradient once (backward). ``roofline_ms = bytes / bandwidth`` with bytes = B * N * C * element size
@@ -46,7 +50,7 @@ MODELS = {
             (1157, 192, 6), (577, 384, 6)],      # crossvit_15_dagger_408
 }
 DTYPES = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}
-BACKENDS = ("timm", "triton", "torch", "reference", "sdpa")
+BACKENDS = ("timm", "triton", "triton-core", "torch", "reference", "sdpa")
 PARAMS = ("norm_weight", "norm_bias", "wq", "bq", "wk", "bk", "wv", "bv", "wo", "bo")
 
 
@@ -109,6 +113,16 @@ def make_fn(torch, F, backend, t, H):
         x_cls, x_tok = t["x_cls"], t["branch"][:, 1:]
         fn = lambda: blk(torch.cat([x_cls.unsqueeze(1), x_tok], dim=1)).squeeze(1)  # noqa: E731
         return fn, [x_cls, t["branch"]] + list(blk.parameters())
+    if backend == "triton-core":
+        # the one-pass core alone (DESIGN.md section 2): LayerNorm statistics, scores against the
+        # absorbed query w (float32, one per head), online softmax, weighted sums; no projections
+        import crossvit_kernels.ops  # noqa: F401  (registers the op)
+        x_cls, x_tok = t["x_cls"], t["branch"][:, 1:]
+        B, C = x_cls.shape
+        g = torch.Generator(device="cpu").manual_seed(1)
+        w = (torch.randn(B, H, C, generator=g) * C ** -0.5).to(x_cls.device).requires_grad_(x_cls.requires_grad)
+        fn = lambda: torch.ops.crossvit_kernels.cross_attention_core(x_cls, x_tok, w, 1e-6, "triton")[0]  # noqa: E731
+        return fn, [x_cls, t["branch"], w]
     from crossvit_kernels.ops import cross_attention
     args = [t[n] for n in PARAMS]
     fn = lambda: cross_attention(t["x_cls"], t["branch"][:, 1:], *args, num_heads=H, backend=backend)  # noqa: E731
@@ -168,9 +182,10 @@ def bench_gpu(args, device=None):
                             fn, leaves = make_fn(torch, F, backend, t, H)
                             if grad:
                                 leaves = [x for x in leaves if x.requires_grad]
+                                g = g_out if backend != "triton-core" else torch.randn_like(fn())
 
-                                def step(fn=fn, leaves=leaves):
-                                    return torch.autograd.grad(fn(), leaves, g_out, allow_unused=True)
+                                def step(fn=fn, leaves=leaves, g=g):
+                                    return torch.autograd.grad(fn(), leaves, g, allow_unused=True)
                             else:
                                 def step(fn=fn):
                                     with torch.no_grad():
@@ -179,7 +194,7 @@ def bench_gpu(args, device=None):
                             row["fraction"] = roofline_ms / row["median_ms"]
                             if backend == "timm":
                                 timm_ms = row["median_ms"]
-                            if timm_ms is not None:
+                            if timm_ms is not None and backend != "triton-core":  # the core is not the whole op
                                 row["speedup_vs_timm"] = timm_ms / row["median_ms"]
                             graph = (f"graph {row['graph_median_ms']:8.4f} ms" if "graph_median_ms" in row
                                      else f"graph failed: {row.get('graph_error', '')[:60]}")

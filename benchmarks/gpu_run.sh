@@ -163,6 +163,14 @@ for script in bench_triton_cross_attention bench_triton_patch_embed; do
         SKIPPED+=("$script (absent)")
     fi
 done
+# where the cross-attention op's device time goes (kernels per call, each kernel's share)
+PROFILE_CMD='set -e
+for mode in fwd fwd+bwd; do for shape in 0 1; do
+    "$0" benchmarks/profile_op.py --op cross_attention --model 18 --shape $shape --batch 256 --mode $mode
+done; done
+"$0" benchmarks/profile_op.py --op patch_embed --image 240 --patch 12 --width 224 --batch 256 --mode fwd'
+want kernels && step "profile_op" "${PROFILE_LIMIT_S:-120}" profile_op.log bash -c "$PROFILE_CMD" "$PY"
+
 if ! want e2e; then
     :
 elif "$PY" -c "import importlib.util, sys; sys.exit(0 if importlib.util.find_spec('crossvit_kernels.benchmark') else 1)" 2>/dev/null; then

@@ -79,3 +79,14 @@ def test_quick_benchmark_writes_json(quick_run):
 
     check_rows("patch_embed", per["patch_embed"]["rows"], ("impl", "mode", "macs", "bytes_model"))
     assert {"timm", "reference", "torch"} <= {r["impl"] for r in per["patch_embed"]["rows"]}
+
+
+def test_profile_op_cpu_smoke(tmp_path):
+    """benchmarks/profile_op.py runs on the CPU and writes its rows (on a GPU it lists kernels)."""
+    out = tmp_path / "profile.json"
+    proc = subprocess.run([sys.executable, os.path.join(REPO, "benchmarks", "profile_op.py"), "--device", "cpu",
+                           "--batch", "2", "--iters", "2", "--mode", "fwd+bwd", "--json", str(out)],
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    data = json.loads(out.read_text())
+    assert data["rows"] and data["wall_us"] > 0 and "cross_attention" in data["what"]
