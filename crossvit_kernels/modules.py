@@ -190,11 +190,13 @@ def _has_linear_pointwise() -> bool:
 
 def onednn_linear_usable(x: Tensor, weight: Tensor) -> bool:
     """Whether :func:`onednn_linear` may replace ``F.linear`` here: CPU float32/bfloat16 inference
-    (no gradient recorded), eager mode (the compiler fuses linears its own way), and not under
-    ``use_backend("reference")``."""
+    (no gradient recorded), eager mode (the compiler fuses linears its own way), not under
+    ``use_backend("reference")`` and not under CPU autocast."""
     if torch.compiler.is_compiling():   # first: the compiler cannot trace the mkldnn queries below
         return False
     if _backends.get_default_backend() == "reference":   # the oracle is timm's computation, op for op
+        return False
+    if torch.is_autocast_enabled("cpu"):   # F.linear then runs in autocast's dtype, as in timm
         return False
     return (x.device.type == "cpu" and x.dtype == weight.dtype and x.dtype in (torch.float32, torch.bfloat16)
             and _has_linear_pointwise() and torch.backends.mkldnn.enabled

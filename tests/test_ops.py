@@ -228,3 +228,62 @@ def test_patch_embed_accepts_flat_pos_and_cls():
     b = patch_embed(inp["images"], inp["weight"], inp["bias"], inp["pos_embed"][0], inp["cls_token"].reshape(8),
                     backend="torch")
     assert torch.equal(a, b)
+
+
+# ---------------------------------------------------------------------------------------------
+# torch.autocast: mixed dtypes are promoted, the fused math runs with autocast off
+# ---------------------------------------------------------------------------------------------
+
+XATTN_NAMES = ("x_cls", "x_tokens", "norm_weight", "norm_bias", "wq", "bq", "wk", "bk", "wv", "bv", "wo", "bo")
+AUTOCAST_BACKENDS = ["torch", "reference"] + (["cpp"] if __import__("crossvit_kernels").available_backends()
+                                               .get("cpp") is True else [])
+
+
+@pytest.mark.parametrize("backend", AUTOCAST_BACKENDS)
+def test_cross_attention_under_autocast_promotes_mixed_inputs(backend):
+    """Under autocast a fusion block gets a bfloat16 CLS (autocast's projection) with float32
+    tokens and parameters. The fused backends compute exactly as on the promoted float32 inputs;
+    "reference" runs timm's block under autocast, op for op. Without autocast a mixed call still
+    raises."""
+    from timm.models.crossvit import CrossAttentionBlock
+    inp = cross_attention_inputs(2, 9, 24, 3, requires_grad=False)
+    args = [inp[k] for k in XATTN_NAMES]
+    x_cls16 = args[0].bfloat16()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got = cross_attention(x_cls16, *args[1:], num_heads=3, backend=backend)
+    assert got.dtype == torch.float32
+    if backend == "reference":
+        blk = CrossAttentionBlock(24, 3, qkv_bias=True)
+        blk.norm1.eps = 1e-6
+        with torch.no_grad():
+            blk.norm1.weight.copy_(inp["norm_weight"]), blk.norm1.bias.copy_(inp["norm_bias"])
+            for n in "qkv":
+                getattr(blk.attn, "w" + n).weight.copy_(inp["w" + n])
+                getattr(blk.attn, "w" + n).bias.copy_(inp["b" + n])
+            blk.attn.proj.weight.copy_(inp["wo"]), blk.attn.proj.bias.copy_(inp["bo"])
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                expected = blk(torch.cat([x_cls16[:, None], args[1]], dim=1))[:, 0]
+        assert expected.dtype == torch.float32
+        torch.testing.assert_close(got, expected, rtol=0, atol=0)
+    else:
+        expected = cross_attention(x_cls16.float(), *args[1:], num_heads=3, backend=backend)
+        assert torch.equal(got, expected)
+    with pytest.raises(TypeError, match="dtype mismatch"):
+        cross_attention(x_cls16, *args[1:], num_heads=3, backend=backend)
+
+
+@pytest.mark.parametrize("backend", AUTOCAST_BACKENDS)
+def test_patch_embed_under_autocast_promotes_mixed_inputs(backend):
+    inp = patch_inputs(2, 3, 24, 36, 5, 12, 12, torch.float32, image_grad=False)
+    images16 = inp["images"].detach().bfloat16()
+    rest = [inp[k] for k in PE_NAMES[1:]]
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got = patch_embed(images16, *rest, backend=backend)
+    if backend == "reference":   # timm's conv + cat + add under autocast
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            x = F.conv2d(images16.float(), rest[0], rest[1], stride=12).flatten(2).transpose(1, 2)
+            expected = torch.cat([rest[3].expand(2, -1, -1), x], dim=1) + rest[2]
+        torch.testing.assert_close(got, expected, rtol=0, atol=0)
+    else:
+        assert got.dtype == torch.float32
+        assert torch.equal(got, patch_embed(images16.float(), *rest, backend=backend))

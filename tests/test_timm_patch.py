@@ -181,6 +181,37 @@ def test_timm_without_embed_method(monkeypatch, multi_conv):
     assert type(patched) is tc.CrossVit and not is_patched(patched)
 
 
+@pytest.mark.parametrize("which", ["patched_timm", "ours"])
+def test_autocast_bfloat16_inference_and_training(which):
+    """Mixed precision, as most training runs: under torch.autocast(bfloat16) the patched model and
+    ours run forward and backward, and their logits' error against the float64 model is at most
+    2x timm's own error under the same autocast (plus a small floor)."""
+    torch.manual_seed(0)
+    ref = _tiny(depth=((1, 1, 1),), multi_conv=False)
+    if which == "patched_timm":
+        model = ck.patch_timm(copy.deepcopy(ref))
+    else:
+        model = ck.create_model("crossvit_tiny_240", img_size=48, img_scale=(1.0, 1.0), patch_size=(12, 16),
+                                embed_dim=(24, 48), depth=((1, 1, 1),), num_heads=(2, 4),
+                                mlp_ratio=(2.0, 2.0, 1.0), num_classes=5)
+        model.load_state_dict(ref.state_dict())
+    x = torch.randn(3, 3, 48, 48)
+    ref64 = copy.deepcopy(ref).double().eval()
+    with torch.no_grad():
+        truth = ref64(x.double())
+        ref.eval(), model.eval()
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            y_ref, y = ref(x), model(x)
+    e_ref, e = max_err(y_ref.double(), truth), max_err(y.double(), truth)
+    assert e <= 2 * e_ref + 1e-3, f"autocast logits: {which} error {e:.3g} vs timm's {e_ref:.3g}"
+    model.train()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = model(x)
+    out.float().sum().backward()
+    grads = [p.grad for p in model.parameters() if p.requires_grad]
+    assert all(g is not None and torch.isfinite(g).all() for g in grads)
+
+
 def test_encoder_fast_path_matches_at_inference_and_is_optional():
     from timm.models.vision_transformer import Block
     torch.manual_seed(0)

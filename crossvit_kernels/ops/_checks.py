@@ -41,3 +41,29 @@ def check_same(named: dict) -> None:
 def check_backend_arg(backend) -> None:
     if backend is not None and not isinstance(backend, str):
         raise TypeError(f"backend must be None or a string, got {type(backend).__name__}")
+
+
+def autocast_device(t) -> Optional[str]:
+    """The device type of ``t`` when torch.autocast is active for it, else None."""
+    if not isinstance(t, torch.Tensor):
+        return None
+    dev = t.device.type
+    try:
+        return dev if torch.is_autocast_enabled(dev) else None
+    except (TypeError, RuntimeError):  # a device type autocast does not know
+        return None
+
+
+def promote_floats(*tensors):
+    """Under torch.autocast a CrossViT block receives mixed dtypes (bfloat16 from autocast's
+    linears, the float32 residual stream, float32 parameters): cast every floating-point tensor
+    to the widest floating dtype among them, as torch.cat and elementwise ops do. Non-float
+    tensors and None are returned unchanged (validation reports them)."""
+    dtype = None
+    for t in tensors:
+        if isinstance(t, torch.Tensor) and t.is_floating_point():
+            dtype = t.dtype if dtype is None else torch.promote_types(dtype, t.dtype)
+    if dtype is None:
+        return tensors
+    return tuple(t.to(dtype) if isinstance(t, torch.Tensor) and t.is_floating_point() and t.dtype != dtype else t
+                 for t in tensors)

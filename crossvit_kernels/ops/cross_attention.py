@@ -8,7 +8,7 @@ import torch.nn.functional as F
 
 from .. import backends as _backends
 from . import _library  # registers the torch.library ops
-from ._checks import FLOAT_DTYPES, check_backend_arg, check_same, check_tensor
+from ._checks import FLOAT_DTYPES, autocast_device, check_backend_arg, check_same, check_tensor, promote_floats
 
 Tensor = torch.Tensor
 
@@ -48,7 +48,9 @@ def cross_attention(
             ``"cuda"``, ``"cpp"``, ``"torch"`` or ``"reference"``.
 
     Returns:
-        (B, C) in the dtype of ``x_cls``.
+        (B, C) in the dtype of ``x_cls``. Under ``torch.autocast`` the inputs are first promoted to
+        their widest floating dtype (timm's block promotes the same way in its ``torch.cat``) and
+        the fused backends compute in it, autocast off; ``"reference"`` keeps autocast, as timm.
 
     Equivalent PyTorch (the ``"reference"`` backend, as timm computes it)::
 
@@ -136,6 +138,19 @@ def _validate_full(x_cls, x_tokens, norm_weight, norm_bias, wq, bq, wk, bk, wv, 
 def _cross_attention(x_cls, x_tokens, norm_weight, norm_bias, wq, bq, wk, bk, wv, bv, wo, bo, num_heads, eps,
                      backend, residual: bool, attn_drop: float = 0.0, training: bool = False) -> Tensor:
     """The op, optionally without the residual (used by the module when drop-path is active)."""
+    ac = autocast_device(x_cls)
+    if ac is not None:
+        # torch.autocast hands a CrossViT fusion mixed dtypes (a bfloat16 CLS from autocast's
+        # projection, the float32 residual stream, float32 parameters): promote them to the widest.
+        # The fused math then runs in that dtype with autocast off (its float32 projections are
+        # part of its accuracy); "reference" and attention dropout keep autocast, as timm's block.
+        (x_cls, x_tokens, norm_weight, norm_bias, wq, bq, wk, bk, wv, bv, wo, bo) = promote_floats(
+            x_cls, x_tokens, norm_weight, norm_bias, wq, bq, wk, bk, wv, bv, wo, bo)
+        name = backend if backend is not None else _backends.get_default_backend()
+        if name != "reference" and not (attn_drop > 0.0 and training):
+            with torch.autocast(ac, enabled=False):
+                return _cross_attention(x_cls, x_tokens, norm_weight, norm_bias, wq, bq, wk, bk, wv, bv, wo, bo,
+                                        num_heads, eps, backend, residual, attn_drop, training)
     _validate(x_cls, x_tokens, norm_weight, norm_bias, wq, bq, wk, bk, wv, bv, wo, bo, num_heads, eps, backend)
     name = backend if backend is not None else _backends.get_default_backend()
     name = _backends._check_name(name)

@@ -8,7 +8,7 @@ import torch.nn.functional as F
 
 from .. import backends as _backends
 from . import _library  # registers the torch.library ops
-from ._checks import check_backend_arg, check_same, check_tensor
+from ._checks import autocast_device, check_backend_arg, check_same, check_tensor, promote_floats
 
 Tensor = torch.Tensor
 
@@ -43,7 +43,17 @@ def patch_embed(
         x = F.conv2d(images, weight, bias, stride=(ph, pw)).flatten(2).transpose(1, 2)
         x = torch.cat([cls_token.reshape(1, 1, C).expand(B, -1, -1), x], dim=1)
         out = x + pos_embed.reshape(1, 1 + P, C)
+
+    Under ``torch.autocast`` the inputs are promoted to their widest floating dtype and the fused
+    backends compute in it (autocast's lower precision is not applied); ``"reference"`` runs
+    timm's ops under autocast, as timm does.
     """
+    ac = autocast_device(images)
+    if ac is not None:
+        images, weight, bias, pos_embed, cls_token = promote_floats(images, weight, bias, pos_embed, cls_token)
+        if (backend if backend is not None else _backends.get_default_backend()) != "reference":
+            with torch.autocast(ac, enabled=False):
+                return patch_embed(images, weight, bias, pos_embed, cls_token, backend)
     check_tensor("images", images, ndim=4)
     check_tensor("weight", weight, ndim=4)
     B, Cin, H, W = images.shape
