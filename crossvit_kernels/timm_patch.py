@@ -197,9 +197,25 @@ def _linear_patch_embed(pe: nn.Module) -> bool:
 def _patched_class(cls: type, methods: Dict[str, object]) -> type:
     key = (cls, tuple(sorted(methods.items())))   # one class per (timm class, set of replaced methods)
     if key not in _PATCHED_CLASSES:
-        _PATCHED_CLASSES[key] = type(f"Fused{cls.__name__}", (cls,), dict(methods, __module__=__name__,
-                                                                          __doc__=cls.__doc__))
+        names = tuple(sorted((attr, fn.__name__) for attr, fn in methods.items()))
+
+        def __reduce_ex__(self, protocol):
+            # The class is made here at run time, so pickle cannot find it by name: pickle the
+            # instance as (timm's class, the names of the replaced methods) and its state, and
+            # rebuild the same patched class on load (torch.save(model), copy.deepcopy).
+            return _rebuild_patched, (self.__dict__[_ORIG], names), self.__dict__.copy()
+
+        _PATCHED_CLASSES[key] = type(f"Fused{cls.__name__}", (cls,),
+                                     dict(methods, __module__=__name__, __doc__=cls.__doc__,
+                                          __reduce_ex__=__reduce_ex__))
     return _PATCHED_CLASSES[key]
+
+
+def _rebuild_patched(orig: type, names) -> nn.Module:
+    """Unpickling: an empty instance of the patched class of ``orig`` (pickle then restores its
+    state through nn.Module.__setstate__)."""
+    cls = _patched_class(orig, {attr: globals()[fn] for attr, fn in names})
+    return cls.__new__(cls)
 
 
 def _swap(module: nn.Module, methods: Dict[str, object], backend: Optional[str]) -> None:

@@ -112,6 +112,25 @@ def test_patched_model_deepcopies_and_switches_modes():
         torch.testing.assert_close(c.eval()(x), m.eval()(x))
 
 
+@pytest.mark.parametrize("multi_conv", [False, True], ids=["linear", "dagger"])
+def test_patched_model_pickles_and_saves_whole(multi_conv, tmp_path):
+    """torch.save(model) / pickle of a patched model: it loads patched (every submodule's class),
+    computes the same logits bit for bit, and can still be unpatched."""
+    import pickle
+    m = ck.patch_timm(_tiny(multi_conv=multi_conv)).eval()
+    x = torch.randn(2, 3, 48, 48)
+    with torch.no_grad():
+        y = m(x)
+    torch.save(m, tmp_path / "model.pt")
+    for loaded in (pickle.loads(pickle.dumps(m)), torch.load(tmp_path / "model.pt", weights_only=False)):
+        assert [type(a) for a in loaded.modules()] == [type(b) for b in m.modules()]
+        assert all(is_patched(a) == is_patched(b) for a, b in zip(loaded.modules(), m.modules()))
+        with torch.no_grad():
+            assert torch.equal(loaded(x), y)
+        ck.unpatch_timm(loaded)
+        assert not any(is_patched(a) for a in loaded.modules()) and type(loaded) is tc.CrossVit
+
+
 # ---------------------------------------------------------------------------------------------
 # parity: logits and every gradient
 # ---------------------------------------------------------------------------------------------
