@@ -29,8 +29,10 @@ far steadier than the wall-clock time (it still counts the worker threads' spin-
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
 import csv
+import functools
 import json
 import math
 import os
@@ -47,6 +49,8 @@ __all__ = ["main", "parse_args", "run"]
 
 PRECISIONS = {"fp32": torch.float32, "float32": torch.float32, "bf16": torch.bfloat16, "bfloat16": torch.bfloat16,
               "fp16": torch.float16, "float16": torch.float16}
+#: mixed precision: float32 weights and images, every step under torch.autocast to this dtype
+AMP = {"amp_bf16": torch.bfloat16, "amp_fp16": torch.float16}
 #: max |logits - timm eager logits| allowed, relative to max(1, max |timm logits|)
 CHECK_TOL = {torch.float32: 1e-3, torch.bfloat16: 1e-1, torch.float16: 5e-2}
 VARIANTS = ("timm", "timm+compile", "patched", "ours", "ours+compile", "deit_small")
@@ -60,8 +64,9 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
                    help="model name(s) or shell wildcards, e.g. 'crossvit_*_240' (default: crossvit_9_240)")
     p.add_argument("--bench", choices=("inference", "train", "both"), default="inference")
     p.add_argument("--batch-size", "-b", type=int, default=64)
-    p.add_argument("--precision", choices=sorted(PRECISIONS), default="fp32",
-                   help="the model and the images are converted to this dtype")
+    p.add_argument("--precision", choices=sorted(PRECISIONS) + sorted(AMP), default="fp32",
+                   help="the model and the images are converted to this dtype; amp_bf16 / amp_fp16 keep them in "
+                        "float32 and run every step under torch.autocast (mixed precision)")
     p.add_argument("--compile", dest="compile", action="store_true", default=None,
                    help="also time torch.compile'd timm and ours (default: on for CUDA, off on the CPU)")
     p.add_argument("--no-compile", dest="compile", action="store_false")
@@ -155,8 +160,9 @@ class _Runner:
     """One variant: a model, its images, and one timed step (inference or training)."""
 
     def __init__(self, name: str, model: nn.Module, images: torch.Tensor, train: bool, num_classes: int,
-                 compiled: bool = False, compile_mode: Optional[str] = None):
+                 compiled: bool = False, compile_mode: Optional[str] = None, amp: Optional[torch.dtype] = None):
         self.name, self.images, self.train = name, images, train
+        self.amp = amp
         self.model = model.train(train)
         self.fn = torch.compile(model, mode=compile_mode) if compiled else model
         self.times: List[float] = []
@@ -167,11 +173,20 @@ class _Runner:
             self.target = torch.randint(0, num_classes, (images.shape[0],), generator=g).to(images.device)
             self.loss = nn.CrossEntropyLoss()
 
+    def _autocast(self):
+        if self.amp is None:
+            return contextlib.nullcontext()
+        return torch.autocast(self.images.device.type, dtype=self.amp)
+
     def logits(self) -> torch.Tensor:
-        with torch.no_grad():
+        with torch.no_grad(), self._autocast():
             return self.fn(self.images)
 
     def step(self) -> None:
+        with self._autocast():
+            self._step()
+
+    def _step(self) -> None:
         if self.train:
             self.opt.zero_grad(set_to_none=True)
             out = self.fn(self.images)
@@ -206,7 +221,10 @@ def run(args: argparse.Namespace) -> List[Dict[str, object]]:
         raise SystemExit("--device cuda requested but no CUDA GPU is available")
     if args.threads:
         torch.set_num_threads(args.threads)
-    dtype = PRECISIONS[args.precision]
+    amp = AMP.get(args.precision)
+    dtype = torch.float32 if amp is not None else PRECISIONS[args.precision]
+    check_tol = CHECK_TOL[amp if amp is not None else dtype]
+    Runner = functools.partial(_Runner, amp=amp)
     compile_on = args.compile if args.compile is not None else device.type == "cuda"
     wanted = set(v for v in args.variants.split(",") if v) | {"timm"}
     if not compile_on:
@@ -219,7 +237,8 @@ def run(args: argparse.Namespace) -> List[Dict[str, object]]:
         xattn_backend = _backends.resolve_backend("cross_attention", args.backend, device, dtype)
     except RuntimeError as exc:
         xattn_backend = f"unavailable: {exc}"
-    common = dict(device=str(device), device_name=_device_name(device), dtype=str(dtype).replace("torch.", ""),
+    common = dict(device=str(device), device_name=_device_name(device), dtype=str(dtype).replace("torch.", "") + (
+                      f"+autocast({str(amp).replace('torch.', '')})" if amp is not None else ""),
                   batch_size=args.batch_size, channels_last=bool(args.channels_last), threads=torch.get_num_threads(),
                   backend=xattn_backend, torch=torch.__version__, timm=timm.__version__,
                   crossvit_kernels=ck.__version__, python=platform.python_version())
@@ -259,12 +278,12 @@ def run(args: argparse.Namespace) -> List[Dict[str, object]]:
                 m.load_state_dict(base_sd)
                 return prepare(m)
 
-            runners.append(_Runner("timm", fresh_timm(), images, train, tm.num_classes))
+            runners.append(Runner("timm", fresh_timm(), images, train, tm.num_classes))
             if "timm+compile" in wanted:
-                runners.append(_Runner("timm+compile", fresh_timm(), images, train, tm.num_classes, True,
+                runners.append(Runner("timm+compile", fresh_timm(), images, train, tm.num_classes, True,
                                        args.compile_mode))
             if "patched" in wanted:
-                runners.append(_Runner("patched", ck.patch_timm(fresh_timm(), backend=args.backend), images, train,
+                runners.append(Runner("patched", ck.patch_timm(fresh_timm(), backend=args.backend), images, train,
                                        tm.num_classes))
             if "ours" in wanted or "ours+compile" in wanted:
                 def fresh_ours() -> nn.Module:
@@ -272,13 +291,13 @@ def run(args: argparse.Namespace) -> List[Dict[str, object]]:
                     m.load_state_dict(base_sd)
                     return prepare(m)
                 if "ours" in wanted:
-                    runners.append(_Runner("ours", fresh_ours(), images, train, tm.num_classes))
+                    runners.append(Runner("ours", fresh_ours(), images, train, tm.num_classes))
                 if "ours+compile" in wanted:
-                    runners.append(_Runner("ours+compile", fresh_ours(), images, train, tm.num_classes, True,
+                    runners.append(Runner("ours+compile", fresh_ours(), images, train, tm.num_classes, True,
                                            args.compile_mode))
             if deit is not None:
                 d = copy.deepcopy(deit)
-                runners.append(_Runner("deit_small", prepare(d), deit_images, train, d.num_classes))
+                runners.append(Runner("deit_small", prepare(d), deit_images, train, d.num_classes))
 
             checks: Dict[str, Optional[float]] = {}
             if args.check:
@@ -290,7 +309,7 @@ def run(args: argparse.Namespace) -> List[Dict[str, object]]:
                     t0 = time.perf_counter()
                     diff = _max_rel_diff(r.logits(), ref)
                     checks[r.name] = diff
-                    ok = diff <= CHECK_TOL[dtype]
+                    ok = diff <= check_tol
                     say(f"    {r.name:13s} max |diff| / scale = {diff:.2e} ({'ok' if ok else 'MISMATCH'})"
                         + (f", first call {time.perf_counter() - t0:.1f} s" if "compile" in r.name else ""))
             for r in runners:   # restore train/eval mode after the checks
@@ -326,7 +345,7 @@ def run(args: argparse.Namespace) -> List[Dict[str, object]]:
                     speedup_vs_timm=(base / med) if not is_deit else float("nan"),
                     gmac_per_img=gmac, gmac_per_s=gmac * args.batch_size / med,
                     check_max_rel_diff=float("nan") if diff is None else diff,
-                    check_ok="" if diff is None else bool(diff <= CHECK_TOL[dtype]),
+                    check_ok="" if diff is None else bool(diff <= check_tol),
                     compiled="compile" in r.name, num_bench_iter=args.num_bench_iter, **common))
             _print_table([r for r in rows if r["bench"] == bench and r["model"] in (name, YARDSTICK)][-len(runners):])
     if args.results_file:

@@ -44,6 +44,19 @@ def test_cli_inference_and_train_writes_csv(tmp_path, capsys):
     assert "crossvit_tiny_240" in printed and "speedup" in printed
 
 
+def test_cli_mixed_precision(tmp_path):
+    """--precision amp_bf16: float32 models under torch.autocast; outputs checked against timm's
+    under the same autocast, at bfloat16's tolerance."""
+    out = tmp_path / "res.csv"
+    rc = benchmark.main(["--model", "crossvit_tiny_240", "--bench", "both", "--batch-size", "2", "--num-warm-iter",
+                         "0", "--num-bench-iter", "1", "--device", "cpu", "--no-yardstick", "--precision", "amp_bf16",
+                         "--variants", "timm,patched,ours", "--results-file", str(out), "--quiet"])
+    assert rc == 0
+    rows = list(csv.DictReader(open(out)))
+    assert len(rows) == 6 and all(r["dtype"] == "float32+autocast(bfloat16)" for r in rows)
+    assert all(r["check_ok"] == "True" for r in rows if r["variant"] != "timm")
+
+
 def test_cli_subprocess_json_with_wildcard_and_yardstick(tmp_path):
     out = tmp_path / "res.json"
     cmd = [sys.executable, "-m", "crossvit_kernels.benchmark", "--model", "crossvit_tiny_*", "--batch-size", "1",
