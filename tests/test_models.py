@@ -99,6 +99,35 @@ def test_timm_api_behaves_like_timm():
         m.set_grad_checkpointing(True)
 
 
+@pytest.mark.skipif(not hasattr(timm.models.crossvit.CrossVit, "forward_intermediates"),
+                    reason="this timm has no CrossVit.forward_intermediates to compare with")
+@pytest.mark.parametrize("kw", [
+    dict(),
+    dict(indices=2, norm=True),
+    dict(indices=[0, -1], output_fmt="NLC"),
+    dict(indices=[1], stop_early=True, intermediates_only=True),
+], ids=["all", "last2_norm", "list_nlc", "stop_early_only"])
+def test_forward_intermediates_and_pruning_like_timm(kw):
+    """Same features as timm's (bit for bit under the reference backend, where the whole forward is
+    timm's computation), same pruning; bad arguments raise."""
+    tm, m = _pair("crossvit_tiny_240", num_classes=7)
+    x = torch.randn(2, 3, 240, 240)
+    with torch.no_grad(), ck.use_backend("reference"):
+        a, b = tm.forward_intermediates(x, **kw), m.forward_intermediates(x, **kw)
+    if not kw.get("intermediates_only"):
+        (fa, a), (fb, b) = a, b
+        assert all(torch.equal(u, v) for u, v in zip(fa, fb))
+    assert len(a) == len(b) and all(torch.equal(u, v) for u, v in zip(a, b))
+    if "indices" in kw:
+        t2, m2 = copy.deepcopy(tm), copy.deepcopy(m)
+        assert t2.prune_intermediate_layers(kw["indices"]) == m2.prune_intermediate_layers(kw["indices"])
+        assert len(t2.blocks) == len(m2.blocks) and m2.num_classes == t2.num_classes == 0
+    with pytest.raises(ValueError):
+        m.forward_intermediates(x, indices=[99])
+    with pytest.raises(ValueError):
+        m.forward_intermediates(x, output_fmt="NHWC")
+
+
 def test_constructor_arguments_like_timm():
     kwargs = dict(in_chans=1, num_classes=3, drop_rate=0.1, pos_drop_rate=0.1, proj_drop_rate=0.1,
                   attn_drop_rate=0.1, drop_path_rate=0.2, crop_scale=True)

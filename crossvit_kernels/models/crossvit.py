@@ -247,6 +247,69 @@ class CrossViT(nn.Module):
             xs = blk(xs)
         return [norm(xs[i]) for i, norm in enumerate(self.norm)]
 
+    def _take_indices(self, indices: Optional[Union[int, Sequence[int]]]) -> List[int]:
+        """Feature indices (branch-major: branch b's output of block i is b * D + i, D blocks): all
+        for None, the last n for an int n, else the given ones (negative counting from the end)."""
+        n = self.num_branches * self.num_feature_blocks
+        if indices is None:
+            return list(range(n))
+        if isinstance(indices, int) and not isinstance(indices, bool):
+            if not 0 < indices <= n:
+                raise ValueError(f"indices={indices}: take between 1 and {n} features")
+            return list(range(n - indices, n))
+        out = []
+        for i in indices:
+            j = i + n if i < 0 else i
+            if isinstance(i, bool) or not isinstance(i, int) or not 0 <= j < n:
+                raise ValueError(f"feature index {i!r} is out of range for {n} features "
+                                 f"({self.num_branches} branches x {self.num_feature_blocks} blocks)")
+            out.append(j)
+        return out
+
+    def forward_intermediates(self, x: Tensor, indices: Optional[Union[int, Sequence[int]]] = None,
+                              norm: bool = False, stop_early: bool = False, output_fmt: str = "NCHW",
+                              intermediates_only: bool = False):
+        """timm's ``forward_intermediates``: the patch tokens (CLS removed) of each branch at the
+        output of each multi-scale block, branch-major (indices 0..D-1 are branch 0's blocks, D..2D-1
+        branch 1's); ``norm`` applies the branch's final norm to them; ``output_fmt`` "NCHW" gives
+        (B, C, H, W) maps, "NLC" (B, L, C) tokens. Returns (final normed tokens per branch,
+        intermediates), or the intermediates alone."""
+        if output_fmt not in ("NCHW", "NLC"):
+            raise ValueError(f"output_fmt must be 'NCHW' or 'NLC', got {output_fmt!r}")
+        self._check_input(x)
+        take = self._take_indices(indices)
+        D = self.num_feature_blocks
+        last_block = max(i % D for i in take)
+        blocks = self.blocks[:last_block + 1] if stop_early else self.blocks
+        per_branch: List[List[Tensor]] = [[] for _ in range(self.num_branches)]
+        xs = self._embed(x)
+        for i, blk in enumerate(blocks):
+            xs = blk(xs)
+            for b in range(self.num_branches):
+                if b * D + i in take:
+                    per_branch[b].append((self.norm[b](xs[b]) if norm else xs[b])[:, 1:])
+        intermediates: List[Tensor] = []
+        for pe, feats in zip(self.patch_embed, per_branch):
+            if output_fmt == "NCHW":
+                gh, gw = pe.grid_size
+                feats = [t.reshape(t.shape[0], gh, gw, -1).permute(0, 3, 1, 2).contiguous() for t in feats]
+            intermediates.extend(feats)
+        if intermediates_only:
+            return intermediates
+        return [n(xs[i]) for i, n in enumerate(self.norm)], intermediates
+
+    def prune_intermediate_layers(self, indices: Union[int, Sequence[int]] = 1, prune_norm: bool = False,
+                                  prune_head: bool = True) -> List[int]:
+        """timm's: drop the blocks after the last one ``indices`` needs (and optionally the final
+        norms and the head); returns the feature indices kept."""
+        take = self._take_indices(indices)
+        self.blocks = self.blocks[:max(i % self.num_feature_blocks for i in take) + 1]
+        if prune_norm:
+            self.norm = nn.ModuleList([nn.Identity() for _ in range(self.num_branches)])
+        if prune_head:
+            self.reset_classifier(0)
+        return take
+
     def forward_head(self, xs: List[Tensor], pre_logits: bool = False) -> Tensor:
         xs = [x[:, 1:].mean(dim=1) for x in xs] if self.global_pool == "avg" else [x[:, 0] for x in xs]
         xs = [self.head_drop(x) for x in xs]
