@@ -212,6 +212,23 @@ def onednn_linear(x: Tensor, lin: nn.Linear, gelu: bool = False) -> Tensor:
                                               "none" if gelu else "")
 
 
+def conv_tokens(t: Tensor, cls_token: Tensor, pos_embed: Tensor) -> Tensor:
+    """A convolutional patch embedding's output (B, C, gh, gw) as the branch's token buffer
+    (B, 1 + P, C) = [cls + pos[0]; t + pos[1:]] (the dagger models' epilogue). At inference one
+    pass writes the convolution's output plus the position embedding straight into the buffer (no
+    torch.cat copy, no separate add); with autograd, under the compiler (which fuses the plain form
+    itself) or with mixed dtypes, the plain cat + add."""
+    B, C = t.shape[:2]
+    t = t.flatten(2).transpose(1, 2)                                       # (B, P, C), a view
+    if (torch.compiler.is_compiling() or t.dtype != pos_embed.dtype or cls_token.dtype != pos_embed.dtype
+            or (torch.is_grad_enabled() and (t.requires_grad or cls_token.requires_grad or pos_embed.requires_grad))):
+        return torch.cat([cls_token.expand(B, -1, -1), t], dim=1) + pos_embed
+    out = t.new_empty((B, 1 + t.shape[1], C))
+    torch.add(t, pos_embed[:, 1:], out=out[:, 1:])
+    out[:, 0] = cls_token[:, 0] + pos_embed[:, 0]
+    return out
+
+
 class Block(nn.Module):
     """Pre-norm transformer encoder block with timm's parameter names
     (``norm1``, ``attn.qkv``, ``attn.proj``, ``norm2``, ``mlp.fc1``, ``mlp.fc2``)."""
@@ -305,6 +322,4 @@ class PatchEmbed(nn.Module):
         self._check(x)
         if not self.multi_conv:
             return _patch_embed_op(x, self.proj.weight, self.proj.bias, pos_embed, cls_token, backend=self.backend)
-        t = self.proj(x).flatten(2).transpose(1, 2)
-        B = t.shape[0]
-        return torch.cat([cls_token.expand(B, -1, -1), t], dim=1) + pos_embed
+        return conv_tokens(self.proj(x), cls_token, pos_embed)

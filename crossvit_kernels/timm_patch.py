@@ -36,7 +36,7 @@ import torch.nn.functional as F
 
 from . import backends as _backends
 from .models.fusion import fuse_cross_attention
-from .modules import onednn_linear, onednn_linear_usable
+from .modules import conv_tokens, onednn_linear, onednn_linear_usable
 from .ops.cross_attention import _cross_attention
 from .ops.patch_embed import patch_embed as _patch_embed_op
 
@@ -64,10 +64,6 @@ def _timm_crossvit():
 # patched methods
 # ---------------------------------------------------------------------------------------------
 
-def _needs_grad(*tensors: Tensor) -> bool:
-    return torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
-
-
 def _embed_tokens(pe: nn.Module, x: Tensor, cls_token: Tensor, pos_embed: Tensor, backend: Optional[str],
                   linear: bool) -> Tensor:
     """One branch's token buffer (B, 1 + P, C) = [cls + pos[0]; patches + pos[1:]]."""
@@ -78,17 +74,7 @@ def _embed_tokens(pe: nn.Module, x: Tensor, cls_token: Tensor, pos_embed: Tensor
         return _patch_embed_op(x, pe.proj.weight, pe.proj.bias, pos_embed, cls_token, backend=backend)
     # the dagger convolutions, or a linear embedding whose patches do not tile the image (the
     # convolution drops the remainder, as in timm)
-    t = pe.proj(x)                                                         # (B, C, gh, gw)
-    B, C = t.shape[:2]
-    t = t.flatten(2).transpose(1, 2)                                       # (B, P, C), a view
-    if torch.compiler.is_compiling() or _needs_grad(t, cls_token, pos_embed) or t.dtype != pos_embed.dtype:
-        # the plain path: autograd-friendly, and the compiler fuses it by itself
-        return torch.cat([cls_token.expand(B, -1, -1), t], dim=1) + pos_embed
-    # the epilogue: one pass writes conv output + position embedding into the token buffer
-    out = t.new_empty((B, 1 + t.shape[1], C))
-    torch.add(t, pos_embed[:, 1:], out=out[:, 1:])
-    out[:, 0] = (cls_token[:, 0] + pos_embed[:, 0]).to(out.dtype)
-    return out
+    return conv_tokens(pe.proj(x), cls_token, pos_embed)
 
 
 def _crossvit_embed(self, x: Tensor) -> List[Tensor]:

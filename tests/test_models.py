@@ -241,3 +241,22 @@ def test_resample_tokens():
     ramp = torch.arange(20.0).repeat_interleave(20).reshape(1, 400, 1)  # value = source row
     out = resample_tokens(ramp, (20, 20), (10, 10)).reshape(10, 10)
     assert_close(out[:, 0], torch.arange(10.0) * 2 + 0.5, atol=1e-5, rtol=0, name="row ramp")
+
+
+def test_dagger_epilogue_writes_the_token_buffer_like_cat_add():
+    """The dagger embedding's epilogue (conv output + position embedding written straight into the
+    token buffer at inference) gives timm's cat + add bit for bit, with and without autograd."""
+    from crossvit_kernels.modules import PatchEmbed
+    torch.manual_seed(0)
+    pe = PatchEmbed(img_size=48, patch_size=12, in_chans=3, embed_dim=24, multi_conv=True)
+    x = torch.randn(2, 3, 48, 48)
+    cls, pos = torch.randn(1, 1, 24), torch.randn(1, 17, 24)
+    with torch.no_grad():
+        t = pe.proj(x).flatten(2).transpose(1, 2)
+        expected = torch.cat([cls.expand(2, -1, -1), t], dim=1) + pos
+        assert torch.equal(pe.forward_tokens(x, cls, pos), expected)
+    cls.requires_grad_(True)
+    out = pe.forward_tokens(x, cls, pos)
+    assert torch.equal(out.detach(), expected)
+    out.sum().backward()
+    assert torch.equal(cls.grad, torch.full_like(cls, 2.0))
