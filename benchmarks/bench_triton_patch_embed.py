@@ -111,15 +111,6 @@ def _mm_rate(M, N, K, dtype, device):
     return 2.0 * M * N * K / (t * 1e-3)
 
 
-def _copy_bandwidth(device, nbytes=256 << 20):
-    """Bytes/s of a same-run device-to-device copy (read + write counted)."""
-    import torch
-    src = torch.empty(nbytes, dtype=torch.uint8, device=device)
-    dst = torch.empty_like(src)
-    t = _bench(lambda: dst.copy_(src))["median_ms"]
-    return 2.0 * nbytes / (t * 1e-3)
-
-
 def _run_one(backend, t, mode, images_grad):
     """Eager and CUDA-graph timings (``_gpu_timing``) of one backend: the forward under no_grad,
     or the forward and the gradients of every input that needs one."""
@@ -148,7 +139,8 @@ def gpu_main(args):
     device = torch.device("cuda", torch.cuda.current_device())
     dev_name = torch.cuda.get_device_name(device)
     versions = _versions()
-    bw = _copy_bandwidth(device)
+    from _gpu_timing import copy_bandwidth
+    bw = copy_bandwidth(device)
     print(f"# {dev_name}; copy bandwidth {bw / 1e9:.0f} GB/s; {versions}", flush=True)
     rows = []
     mm_cache = {}

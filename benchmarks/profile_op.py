@@ -36,18 +36,12 @@ def build(args, torch):
         fn, leaves = make_fn(torch, F, args.backend, t, H)
         what = f"cross_attention CrossViT-{args.model} (N={N}, C={C}, H={H})"
     else:
+        from bench_triton_patch_embed import _inputs
         from crossvit_kernels.ops.patch_embed import patch_embed
-        gen = torch.Generator(device="cpu").manual_seed(0)
-        C, P = args.width, (args.image // args.patch) ** 2
-
-        def r(*shape, scale=1.0):
-            return (torch.randn(*shape, generator=gen) * scale).to(device=device, dtype=dtype)
-        images = r(args.batch, 3, args.image, args.image)
-        params = [r(C, 3, args.patch, args.patch, scale=0.02).requires_grad_(grad), r(C).requires_grad_(grad),
-                  r(1, 1 + P, C).requires_grad_(grad), r(1, 1, C).requires_grad_(grad)]
-        fn = lambda: patch_embed(images, *params, backend=args.backend)  # noqa: E731
-        leaves = params
-        what = f"patch_embed {args.image} px / {args.patch} px patches, C={C}"
+        t = _inputs(args.batch, args.image, args.patch, args.width, dtype, device)
+        leaves = [t[k].requires_grad_(grad) for k in ("weight", "bias", "pos_embed", "cls_token")]
+        fn = lambda: patch_embed(t["images"], *leaves, backend=args.backend)  # noqa: E731
+        what = f"patch_embed {args.image} px / {args.patch} px patches, C={args.width}"
     if not grad:
         def step():
             with torch.no_grad():

@@ -87,13 +87,18 @@ def _xattn_setup_context(ctx, inputs, output):
     ctx.backend = backend
 
 
-def _xattn_backward(ctx, dz, dlse, dmean, drstd):
+def _xattn_grads(ctx, dz, core_backward):
+    """The gradients of (x_cls, x_tokens, w, eps, backend), given the backend's core backward
+    (through the registered op, or called directly on the eager fast path below)."""
     x_cls, x_tokens, w, z, lse, mean, rstd = ctx.saved_tensors
     if dz is None:
         dz = torch.zeros_like(z)
-    dx_cls, dx_tokens, dw = torch.ops.crossvit_kernels.cross_attention_core_backward(
-        x_cls, x_tokens, w, z, lse, mean, rstd, dz.contiguous(), ctx.backend)
+    dx_cls, dx_tokens, dw = core_backward(x_cls, x_tokens, w, z, lse, mean, rstd, dz.contiguous())
     return dx_cls, dx_tokens, dw.to(w.dtype), None, None
+
+
+def _xattn_backward(ctx, dz, dlse, dmean, drstd):
+    return _xattn_grads(ctx, dz, lambda *a: torch.ops.crossvit_kernels.cross_attention_core_backward(*a, ctx.backend))
 
 
 torch.library.register_autograd("crossvit_kernels::cross_attention_core", _xattn_backward,
@@ -137,12 +142,8 @@ class _CrossAttentionCoreFunction(torch.autograd.Function):
     @staticmethod
     @torch.autograd.function.once_differentiable  # as the op: its backward op has no autograd
     def backward(ctx, dz, dlse, dmean, drstd):
-        x_cls, x_tokens, w, z, lse, mean, rstd = ctx.saved_tensors
-        if dz is None:
-            dz = torch.zeros_like(z)
-        dx_cls, dx_tokens, dw = _module("cross_attention", ctx.backend, x_cls).cross_attention_core_backward(
-            x_cls, x_tokens, w, z, lse, mean, rstd, dz.contiguous())
-        return dx_cls, dx_tokens, dw.to(w.dtype), None, None
+        return _xattn_grads(ctx, dz, _module("cross_attention", ctx.backend, ctx.saved_tensors[0])
+                            .cross_attention_core_backward)
 
 
 def run_cross_attention_core(x_cls: Tensor, x_tokens: Tensor, w: Tensor, eps: float,
@@ -205,13 +206,19 @@ def _pe_setup_context(ctx, inputs, output):
     ctx.backend = backend
 
 
-def _pe_backward(ctx, grad_out):
+def _pe_grads(ctx, grad_out, backward):
+    """The gradients of (images, weight, bias, pos_embed, cls_token, backend), given the backend's
+    backward (through the registered op, or called directly on the eager fast path below)."""
     images, weight = ctx.saved_tensors
     needs_images = bool(ctx.needs_input_grad[0])
-    d_images, d_weight, d_bias, d_pos, d_cls = torch.ops.crossvit_kernels.patch_embed_backward(
-        grad_out.contiguous(), images, weight, ctx.has_bias, needs_images, ctx.backend)
+    d_images, d_weight, d_bias, d_pos, d_cls = backward(grad_out.contiguous(), images, weight, ctx.has_bias,
+                                                        needs_images)
     return (d_images if needs_images else None, d_weight, d_bias if ctx.has_bias else None,
             d_pos, d_cls, None)
+
+
+def _pe_backward(ctx, grad_out):
+    return _pe_grads(ctx, grad_out, lambda *a: torch.ops.crossvit_kernels.patch_embed_backward(*a, ctx.backend))
 
 
 torch.library.register_autograd("crossvit_kernels::patch_embed", _pe_backward, setup_context=_pe_setup_context)
@@ -229,12 +236,7 @@ class _PatchEmbedFunction(torch.autograd.Function):
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad_out):
-        images, weight = ctx.saved_tensors
-        needs_images = bool(ctx.needs_input_grad[0])
-        d_images, d_weight, d_bias, d_pos, d_cls = _module("patch_embed", ctx.backend, images).patch_embed_backward(
-            grad_out.contiguous(), images, weight, ctx.has_bias, needs_images)
-        return (d_images if needs_images else None, d_weight, d_bias if ctx.has_bias else None,
-                d_pos, d_cls, None)
+        return _pe_grads(ctx, grad_out, _module("patch_embed", ctx.backend, ctx.saved_tensors[0]).patch_embed_backward)
 
 
 def run_patch_embed(images: Tensor, weight: Tensor, bias: Optional[Tensor], pos_embed: Tensor,
