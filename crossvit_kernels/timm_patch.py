@@ -49,7 +49,7 @@ _BACKEND = "_crossvit_kernels_backend"      # backend of the fused ops (None: th
 _FUSED = "_crossvit_kernels_fused"          # False: this block keeps timm's math (see _fusable_*)
 _ATTRS = (_ORIG, _BACKEND, _FUSED)
 
-_PATCHED_CLASSES: Dict[type, type] = {}
+_PATCHED_CLASSES: Dict[tuple, type] = {}   # (timm class, replaced methods) -> patched class
 
 
 def _timm_crossvit():
