@@ -60,22 +60,36 @@ SPLIT_ALIGN = 64
 # ---------------------------------------------------------------------------------------------
 
 @triton.jit
+def _load_patch_tokens(x_tok_ptr, b, offs_n, offs_c, n_end, C, stride_tok_b, stride_tok_m, stride_tok_c):
+    """Tokens offs_n of row b that are patch tokens (1 <= i < n_end) as a [BLOCK_N, C_PAD] tile in
+    the input dtype, zero elsewhere (token 0, the CLS row, included)."""
+    cmask = offs_c < C
+    tok_mask = (offs_n > 0) & (offs_n < n_end)
+    return tl.load(x_tok_ptr + b * stride_tok_b + (offs_n - 1)[:, None] * stride_tok_m
+                   + offs_c[None, :] * stride_tok_c,
+                   mask=tok_mask[:, None] & cmask[None, :], other=0.0)
+
+
+@triton.jit
+def _add_cls_row(x, x_cls_ptr, b, offs_n, offs_c, C, stride_cls_b, stride_cls_c, FIRST_TILE):
+    """x plus the CLS row in row 0 when the tile starts at token 0 (x holds zero there)."""
+    if FIRST_TILE:
+        # only the first tile of the first split holds token 0 (the CLS row)
+        cls_mask = (offs_n == 0)[:, None] & (offs_c < C)[None, :]
+        x_cls = tl.load(x_cls_ptr + b * stride_cls_b + offs_c[None, :] * stride_cls_c + offs_n[:, None] * 0,
+                        mask=cls_mask, other=0.0).to(x.dtype)
+        x = x + x_cls
+    return x
+
+
+@triton.jit
 def _load_token_tile(x_cls_ptr, x_tok_ptr, b, offs_n, offs_c, n_end, C,
                      stride_cls_b, stride_cls_c, stride_tok_b, stride_tok_m, stride_tok_c,
                      FIRST_TILE, ACC_TY: tl.constexpr):
     """Tokens offs_n (0 = x_cls) of row b as an ACC_TY [BLOCK_N, C_PAD] tile, zero outside."""
-    cmask = offs_c < C
-    tok_mask = (offs_n > 0) & (offs_n < n_end)
-    x = tl.load(x_tok_ptr + b * stride_tok_b + (offs_n - 1)[:, None] * stride_tok_m
-                + offs_c[None, :] * stride_tok_c,
-                mask=tok_mask[:, None] & cmask[None, :], other=0.0).to(ACC_TY)
-    if FIRST_TILE:
-        # only the first tile of the first split holds token 0 (the CLS row)
-        cls_mask = (offs_n == 0)[:, None] & cmask[None, :]
-        x_cls = tl.load(x_cls_ptr + b * stride_cls_b + offs_c[None, :] * stride_cls_c + offs_n[:, None] * 0,
-                        mask=cls_mask, other=0.0).to(ACC_TY)
-        x = x + x_cls
-    return x
+    x = _load_patch_tokens(x_tok_ptr, b, offs_n, offs_c, n_end, C, stride_tok_b, stride_tok_m,
+                           stride_tok_c).to(ACC_TY)
+    return _add_cls_row(x, x_cls_ptr, b, offs_n, offs_c, C, stride_cls_b, stride_cls_c, FIRST_TILE)
 
 
 @triton.jit
@@ -104,6 +118,7 @@ def _cross_attention_fwd_kernel(
     stride_cls_b, stride_cls_c, stride_tok_b, stride_tok_m, stride_tok_c,
     BLOCK_N: tl.constexpr, C_PAD: tl.constexpr, H_PAD: tl.constexpr,
     SPLIT: tl.constexpr, INPUT_PRECISION: tl.constexpr, HEAD_LOOP: tl.constexpr,
+    PREFETCH: tl.constexpr,
 ):
     acc_ty = w_ptr.dtype.element_ty
     b = tl.program_id(0).to(tl.int64)
@@ -125,13 +140,23 @@ def _cross_attention_fwd_kernel(
     m_i = tl.full([H_PAD], float("-inf"), acc_ty)
     l_i = tl.zeros([H_PAD], acc_ty)
     acc = tl.zeros([H_PAD, C_PAD], acc_ty)
+    if PREFETCH:
+        # the split's first tile; each iteration then loads the next one (below)
+        x_next = _load_patch_tokens(x_tok_ptr, b, n_start + tl.arange(0, BLOCK_N), offs_c, n_end, C,
+                                    stride_tok_b, stride_tok_m, stride_tok_c)
     for t in range(0, num_tiles):
         n0 = n_start + t * BLOCK_N
         offs_n = n0 + tl.arange(0, BLOCK_N)
         nmask = offs_n < n_end
-        x = _load_token_tile(x_cls_ptr, x_tok_ptr, b, offs_n, offs_c, n_end, C,
-                             stride_cls_b, stride_cls_c, stride_tok_b, stride_tok_m, stride_tok_c,
-                             n0 == 0, acc_ty)
+        if PREFETCH:
+            # the tile loaded during the previous iteration: the same conversion and CLS row as
+            # the plain load below, so the same bits
+            x = _add_cls_row(x_next.to(acc_ty), x_cls_ptr, b, offs_n, offs_c, C, stride_cls_b, stride_cls_c,
+                             n0 == 0)
+        else:
+            x = _load_token_tile(x_cls_ptr, x_tok_ptr, b, offs_n, offs_c, n_end, C,
+                                 stride_cls_b, stride_cls_c, stride_tok_b, stride_tok_m, stride_tok_c,
+                                 n0 == 0, acc_ty)
         # LayerNorm statistics (biased variance, two passes over the registers)
         mean = tl.sum(x, 1) / C
         xc = tl.where(cmask[None, :], x - mean[:, None], 0.0)
@@ -140,6 +165,14 @@ def _cross_attention_fwd_kernel(
         xh = xc * rstd[:, None]
         tl.store(mean_ptr + b * N + offs_n, mean, mask=nmask)
         tl.store(rstd_ptr + b * N + offs_n, rstd, mask=nmask)
+        if PREFETCH:
+            # Software pipelining in registers: tile t + 1 (masked off past the split) loads while
+            # tile t's scores, softmax and products run, so one load is in flight per program.
+            # Issued only once x is normalised, so two float32 tiles are never live together
+            # (issued at the top of the loop, ptxas spilled 8-warp programs at C_PAD 256); it waits
+            # in the input dtype, half the registers of a float32 tile for float16/bfloat16.
+            x_next = _load_patch_tokens(x_tok_ptr, b, offs_n + BLOCK_N, offs_c, n_end, C,
+                                        stride_tok_b, stride_tok_m, stride_tok_c)
         # scores of all heads, online softmax per head
         if HEAD_LOOP:
             scores = _scores_by_head(w_ptr + b * H * C, xh, offs_c, offs_h, C, H, BLOCK_N, H_PAD)
@@ -210,6 +243,7 @@ def _cross_attention_bwd_kernel(
     stride_cls_b, stride_cls_c, stride_tok_b, stride_tok_m, stride_tok_c,
     BLOCK_N: tl.constexpr, C_PAD: tl.constexpr, H_PAD: tl.constexpr,
     SPLIT: tl.constexpr, INPUT_PRECISION: tl.constexpr, HEAD_LOOP: tl.constexpr,
+    PREFETCH: tl.constexpr,
 ):
     acc_ty = w_ptr.dtype.element_ty
     b = tl.program_id(0).to(tl.int64)
@@ -233,16 +267,36 @@ def _cross_attention_bwd_kernel(
         w = tl.load(w_ptr + hc_offs, mask=hc_mask, other=0.0)
 
     dw = tl.zeros([H_PAD, C_PAD], acc_ty)
+    if PREFETCH:
+        # the split's first tile and its statistics; each iteration then loads the next (below)
+        offs_next = n_start + tl.arange(0, BLOCK_N)
+        x_next = _load_patch_tokens(x_tok_ptr, b, offs_next, offs_c, n_end, C,
+                                    stride_tok_b, stride_tok_m, stride_tok_c)
+        mean_next = tl.load(mean_ptr + b * N + offs_next, mask=offs_next < n_end, other=0.0)
+        rstd_next = tl.load(rstd_ptr + b * N + offs_next, mask=offs_next < n_end, other=0.0)
     for t in range(0, num_tiles):
         n0 = n_start + t * BLOCK_N
         offs_n = n0 + tl.arange(0, BLOCK_N)
         nmask = offs_n < n_end
-        x = _load_token_tile(x_cls_ptr, x_tok_ptr, b, offs_n, offs_c, n_end, C,
-                             stride_cls_b, stride_cls_c, stride_tok_b, stride_tok_m, stride_tok_c,
-                             n0 == 0, acc_ty)
-        mean = tl.load(mean_ptr + b * N + offs_n, mask=nmask, other=0.0)
-        rstd = tl.load(rstd_ptr + b * N + offs_n, mask=nmask, other=0.0)
+        if PREFETCH:
+            x = _add_cls_row(x_next.to(acc_ty), x_cls_ptr, b, offs_n, offs_c, C, stride_cls_b, stride_cls_c,
+                             n0 == 0)
+            mean, rstd = mean_next, rstd_next
+        else:
+            x = _load_token_tile(x_cls_ptr, x_tok_ptr, b, offs_n, offs_c, n_end, C,
+                                 stride_cls_b, stride_cls_c, stride_tok_b, stride_tok_m, stride_tok_c,
+                                 n0 == 0, acc_ty)
+            mean = tl.load(mean_ptr + b * N + offs_n, mask=nmask, other=0.0)
+            rstd = tl.load(rstd_ptr + b * N + offs_n, mask=nmask, other=0.0)
         xh = tl.where(cmask[None, :], (x - mean[:, None]) * rstd[:, None], 0.0)
+        if PREFETCH:
+            # as in the forward (x is dead now): tile t + 1 and its statistics load while tile t
+            # computes
+            offs_next = offs_n + BLOCK_N
+            x_next = _load_patch_tokens(x_tok_ptr, b, offs_next, offs_c, n_end, C,
+                                        stride_tok_b, stride_tok_m, stride_tok_c)
+            mean_next = tl.load(mean_ptr + b * N + offs_next, mask=offs_next < n_end, other=0.0)
+            rstd_next = tl.load(rstd_ptr + b * N + offs_next, mask=offs_next < n_end, other=0.0)
         if HEAD_LOOP:
             # one head at a time on the CUDA cores: a_h, ds_h and their rank-1 updates of dxh
             ds = tl.zeros([H_PAD, BLOCK_N], acc_ty)
@@ -256,6 +310,7 @@ def _cross_attention_bwd_kernel(
                 a_h = tl.exp(tl.sum(xh * w_h[None, :], 1) - lse_h)
                 a_h = tl.where(nmask, a_h, 0.0)
                 ds_h = a_h * (tl.sum(xh * dz_h[None, :], 1) - dzz_h)
+                ds_h = tl.where(M > 0, ds_h, 0.0)             # one token: see the tensor-core path
                 dxh += a_h[:, None] * dz_h[None, :] + ds_h[:, None] * w_h[None, :]
                 ds = tl.where(sel[:, None], ds_h[None, :], ds)
         else:
@@ -266,6 +321,10 @@ def _cross_attention_bwd_kernel(
             a = tl.where(hmask[:, None] & nmask[None, :], a, 0.0)
             g = tl.dot(dz, xh_t, input_precision=INPUT_PRECISION)              # dz_h . xh_i
             ds = a * (g - dzz[:, None])                                         # [H_PAD, BLOCK_N]
+            # With the CLS as the only token the softmax is constant (p = 1) and its gradient is
+            # exactly zero; g and dzz, rounded differently (TF32 for half inputs), would leave a
+            # residue in dw (4e-3 in float16 on an H100).
+            ds = tl.where(M > 0, ds, 0.0)
             dxh = (tl.dot(tl.trans(a), dz, input_precision=INPUT_PRECISION)
                    + tl.dot(tl.trans(ds), w, input_precision=INPUT_PRECISION))  # [BLOCK_N, C_PAD]
         # LayerNorm backward (padded columns of dxh and xh are zero)
@@ -347,17 +406,48 @@ def _tile_limit(elem: int) -> int:
     return 8192 if elem == 4 else 4096
 
 
+def _bwd_operands_fit(c_pad: int, h_pad: int, elem: int) -> bool:
+    """Whether the backward's tensor-core path fits its registers: it keeps w, dz and dw as
+    [H_PAD, C_PAD] float32 operands, and past 4K values each (C_PAD 256 at H_PAD 16) ptxas spills
+    even at BLOCK_N 16 (sm_90, Triton 3.6 and 3.8); the head loop keeps only dw. float64 spills on
+    both paths from C_PAD 128 on, about equally, so it keeps the tensor cores."""
+    return elem != 4 or h_pad * c_pad <= 4096
+
+
+def _prefetch_fits(which: str, block_n: int, c_pad: int, h_pad: int, elem: int, in_elem: int,
+                   head_loop: bool, num_warps: int) -> bool:
+    """Register budget of a PREFETCH config. Per thread, tile t lives in float32 while tile t + 1
+    waits in the input dtype; the forward holds about one such tile and the backward two (xh and
+    dxh), hence 384 bytes per thread in the forward and 192 in the backward (64 and 32 tile values
+    for 16-bit tokens). Fitted to ptxas on sm_90 (Triton 3.6 and 3.8) at the CrossViT widths: what
+    it admits spills nothing, and the configs just past it spill or sit at the 255-register
+    ceiling, as their plain twins do. The compile-only tests check the admitted configs."""
+    per_thread = block_n * c_pad // (32 * num_warps)
+    if which == "fwd":
+        return (elem + in_elem) * per_thread <= 384
+    return (elem + in_elem) * per_thread <= 192 and (head_loop or _bwd_operands_fit(c_pad, h_pad, elem))
+
+
 def _heuristic_config(which: str, c_pad: int, h_pad: int, elem: int, smem_limit: int,
-                      block_n: Optional[int], head_loop: Optional[bool]) -> dict:
-    """BLOCK_N, HEAD_LOOP and num_warps when not autotuning: the largest tile in the register
-    budget whose tensor-core operands fit in shared memory, else the head loop."""
+                      block_n: Optional[int], head_loop: Optional[bool], prefetch: Optional[bool] = None,
+                      input_precision: str = "ieee") -> dict:
+    """BLOCK_N, HEAD_LOOP, PREFETCH and num_warps when not autotuning: the largest tile in the
+    register budget whose tensor-core operands fit in shared memory (and, in the backward, in
+    registers), else the head loop. PREFETCH only when asked for: whether hiding the load pays is
+    the autotuner's call, measured."""
     candidates = (block_n,) if block_n is not None else (64, 32, 16)
+    # With TF32 products the forward's registers hold about one tile (its dot operands are staged
+    # in shared memory): it gets the autotuner's doubled budget. With the single budget, C_PAD 512
+    # gives an 8-warp program at 128 registers, which ptxas (Triton 3.6) spills to fit two per SM.
+    tile_limit = _tile_limit(elem) * (2 if which == "fwd" and input_precision == "tf32" else 1)
     choice = None
     for bn in candidates:
-        if block_n is None and bn > 16 and bn * c_pad > _tile_limit(elem):
+        if block_n is None and bn > 16 and bn * c_pad > tile_limit:
             continue
         for hl in ((head_loop,) if head_loop is not None else (False, True)):
-            if head_loop is not None or _smem_bytes(which, bn, c_pad, h_pad, elem, hl) <= smem_limit:
+            if head_loop is not None or (
+                    _smem_bytes(which, bn, c_pad, h_pad, elem, hl) <= smem_limit
+                    and (hl or which == "fwd" or _bwd_operands_fit(c_pad, h_pad, elem))):
                 choice = (bn, hl)
                 break
         if choice is not None:
@@ -365,30 +455,60 @@ def _heuristic_config(which: str, c_pad: int, h_pad: int, elem: int, smem_limit:
     if choice is None:
         choice = (candidates[-1], True)
     bn, hl = choice
-    return dict(BLOCK_N=bn, HEAD_LOOP=hl, num_warps=4 if bn * c_pad <= 4096 else 8)
+    return dict(BLOCK_N=bn, HEAD_LOOP=hl, PREFETCH=bool(prefetch), num_warps=4 if bn * c_pad <= 4096 else 8)
 
 
 def _autotune_configs():
-    return [triton.Config({"BLOCK_N": bn, "HEAD_LOOP": hl}, num_warps=nw, num_stages=1)
-            for hl in (False, True) for bn in (16, 32, 64) for nw in (4, 8)]
+    """Every (BLOCK_N, HEAD_LOOP, num_warps) plain and with PREFETCH; the pruning keeps a few.
+
+    All at num_stages=1. Triton accepts num_stages=2 for these loops, but for float16/bfloat16
+    tokens its pipeliner leaves the token load alone (the tile is converted and normalised before
+    any tl.dot sees it): the forward compiles to the same PTX and the backward only stages the two
+    small statistic loads, so the configs would compile twice for nothing. (For float32 tokens it
+    does stage the tile in shared memory, which ``_smem_bytes`` does not model.)"""
+    return [triton.Config({"BLOCK_N": bn, "HEAD_LOOP": hl, "PREFETCH": pf}, num_warps=nw, num_stages=1)
+            for pf in (False, True) for hl in (False, True) for bn in (16, 32, 64) for nw in (4, 8)]
+
+
+def _kept_configs(which: str, configs, c_pad: int, h_pad: int, elem: int, in_elem: int, input_precision: str,
+                  smem_limit: int) -> list:
+    """The autotune configs worth compiling for one shape (every kept config is compiled and timed
+    on the first call, so the list stays short: at most 16 at the CrossViT widths)."""
+    # IEEE float32 products run on the CUDA cores: large tiles there spill and take minutes to compile
+    tile_limit = _tile_limit(elem) * (1 if input_precision == "ieee" else 2)
+    plain = [c for c in configs if not c.kwargs["PREFETCH"]]
+    fits = [c for c in plain
+            if c.kwargs["BLOCK_N"] * c_pad <= tile_limit
+            and _smem_bytes(which, c.kwargs["BLOCK_N"], c_pad, h_pad, elem, c.kwargs["HEAD_LOOP"]) <= smem_limit]
+    # The head-loop configs with the smallest tile always stay in: should a tensor-core config
+    # need more shared memory than estimated (another Triton version), the autotuner drops it
+    # (OutOfResources) and one of these still runs.
+    safe = [c for c in plain if c.kwargs["BLOCK_N"] == 16 and c.kwargs["HEAD_LOOP"]]
+    dot = [c for c in fits if not c.kwargs["HEAD_LOOP"]]
+    kept = (dot + safe) if dot else (fits or safe)
+    # A PREFETCH config joins only as the twin of a kept plain config (same tile, path and warps:
+    # its shared memory is the same) and only inside the register budget of ``_prefetch_fits``.
+    # The prefetched tile costs registers, and a config that spills is not worth timing: the
+    # budget drops the large tiles at 4 warps (BLOCK_N 64 at C_PAD 256, 32 at 512, 16 at 1024)
+    # and the backward's tensor-core path past C_PAD 256, where even the plain twin spills.
+    # None for float32 tokens: their IEEE products on the CUDA cores already fill the registers
+    # (plain configs spill), and the waiting tile would be a whole float32 tile.
+    if input_precision == "ieee":
+        return kept
+    twins = {(c.kwargs["BLOCK_N"], c.kwargs["HEAD_LOOP"], c.num_warps) for c in kept}
+    prefetch = [c for c in configs
+                if c.kwargs["PREFETCH"] and (c.kwargs["BLOCK_N"], c.kwargs["HEAD_LOOP"], c.num_warps) in twins
+                and _prefetch_fits(which, c.kwargs["BLOCK_N"], c_pad, h_pad, elem, in_elem, c.kwargs["HEAD_LOOP"],
+                                   c.num_warps)]
+    return kept + prefetch
 
 
 def _prune(which: str):
     def prune(configs, named_args, **kwargs):
-        c_pad, h_pad = kwargs["C_PAD"], kwargs["H_PAD"]
-        elem = named_args["w_ptr"].element_size()
-        limit = _smem_limit(named_args["w_ptr"].device.index)
-        # IEEE float32 products run on the CUDA cores: large tiles there spill and take minutes to compile
-        tile_limit = _tile_limit(elem) * (1 if kwargs["INPUT_PRECISION"] == "ieee" else 2)
-        fits = [c for c in configs
-                if c.kwargs["BLOCK_N"] * c_pad <= tile_limit
-                and _smem_bytes(which, c.kwargs["BLOCK_N"], c_pad, h_pad, elem, c.kwargs["HEAD_LOOP"]) <= limit]
-        # The head-loop configs with the smallest tile always stay in: should a tensor-core config
-        # need more shared memory than estimated (another Triton version), the autotuner drops it
-        # (OutOfResources) and one of these still runs.
-        safe = [c for c in configs if c.kwargs["BLOCK_N"] == 16 and c.kwargs["HEAD_LOOP"]]
-        dot = [c for c in fits if not c.kwargs["HEAD_LOOP"]]
-        return (dot + safe) if dot else (fits or safe)
+        w = named_args["w_ptr"]
+        return _kept_configs(which, configs, kwargs["C_PAD"], kwargs["H_PAD"], w.element_size(),
+                             named_args["x_tok_ptr"].element_size(), kwargs["INPUT_PRECISION"],
+                             _smem_limit(w.device.index))
     return prune
 
 
@@ -400,13 +520,14 @@ def _autotuned(which: str):
 
 
 def _launch(which: str, grid, args, meta: dict, x: Tensor, elem: int, block_n: Optional[int],
-            head_loop: Optional[bool]) -> None:
+            head_loop: Optional[bool], prefetch: Optional[bool] = None) -> None:
     """Autotuned on a GPU (float16/bfloat16/float32), else the heuristic (or forced) config."""
-    if x.is_cuda and block_n is None and head_loop is None and elem == 4:
+    if x.is_cuda and block_n is None and head_loop is None and prefetch is None and elem == 4:
         _autotuned(which)[grid](*args, **meta)
         return
     limit = _smem_limit(x.device.index if x.is_cuda else None)
-    cfg = _heuristic_config(which, meta["C_PAD"], meta["H_PAD"], elem, limit, block_n, head_loop)
+    cfg = _heuristic_config(which, meta["C_PAD"], meta["H_PAD"], elem, limit, block_n, head_loop, prefetch,
+                            meta["INPUT_PRECISION"])
     kernel = {"fwd": _cross_attention_fwd_kernel, "bwd": _cross_attention_bwd_kernel}[which]
     kernel[grid](*args, **meta, **cfg, num_stages=1)
 
@@ -488,12 +609,13 @@ def _token_args(x_cls: Tensor, x_tokens: Tensor):
 
 def cross_attention_core_forward(x_cls: Tensor, x_tokens: Tensor, w: Tensor, eps: float, *,
                                  num_splits: Optional[int] = None, block_n: Optional[int] = None,
-                                 head_loop: Optional[bool] = None):
+                                 head_loop: Optional[bool] = None, prefetch: Optional[bool] = None):
     """-> (z (B, H, C), lse (B, H), mean (B, 1+M), rstd (B, 1+M)), all in the accumulation dtype.
 
     ``num_splits`` forces the number of token splits (default: chosen from B, M and the GPU);
-    ``block_n`` forces the token tile and ``head_loop`` the per-head CUDA-core scores (default:
-    autotuned on a GPU for float16/bfloat16/float32, a heuristic otherwise).
+    ``block_n`` forces the token tile, ``head_loop`` the per-head CUDA-core scores and
+    ``prefetch`` the register-prefetched token loop (default: autotuned on a GPU for
+    float16/bfloat16/float32, a heuristic otherwise). ``prefetch`` never changes the bits.
     """
     B, M, C, H = _check_core_inputs(x_cls, x_tokens, w)
     dtype, device = x_cls.dtype, x_cls.device
@@ -516,7 +638,7 @@ def cross_attention_core_forward(x_cls: Tensor, x_tokens: Tensor, w: Tensor, eps
             x_cls.stride(0), x_cls.stride(1), *tok_strides)
     meta = dict(C_PAD=c_pad, H_PAD=h_pad, SPLIT=S > 1, INPUT_PRECISION=_input_precision(dtype))
     with _device_guard(x_cls):
-        _launch("fwd", (B, S), args, meta, x_cls, w.element_size(), block_n, head_loop)
+        _launch("fwd", (B, S), args, meta, x_cls, w.element_size(), block_n, head_loop, prefetch)
         if S > 1:
             _cross_attention_fwd_combine_kernel[(B, H)](
                 part_z, part_m, part_l, z, lse, C, H, S,
@@ -527,7 +649,7 @@ def cross_attention_core_forward(x_cls: Tensor, x_tokens: Tensor, w: Tensor, eps
 def cross_attention_core_backward(x_cls: Tensor, x_tokens: Tensor, w: Tensor, z: Tensor, lse: Tensor,
                                   mean: Tensor, rstd: Tensor, dz: Tensor, *,
                                   num_splits: Optional[int] = None, block_n: Optional[int] = None,
-                                 head_loop: Optional[bool] = None):
+                                  head_loop: Optional[bool] = None, prefetch: Optional[bool] = None):
     """-> (dx_cls (B, C) in x_cls's dtype, dx_tokens (B, M, C) contiguous in x_tokens's dtype,
     dw (B, H, C) in the accumulation dtype). Keyword arguments as in the forward."""
     B, M, C, H = _check_core_inputs(x_cls, x_tokens, w)
@@ -555,7 +677,7 @@ def cross_attention_core_backward(x_cls: Tensor, x_tokens: Tensor, w: Tensor, z:
             x_cls.stride(0), x_cls.stride(1), *tok_strides)
     meta = dict(C_PAD=c_pad, H_PAD=h_pad, SPLIT=S > 1, INPUT_PRECISION=_input_precision(dtype))
     with _device_guard(x_cls):
-        _launch("bwd", (B, S), args, meta, x_cls, w.element_size(), block_n, head_loop)
+        _launch("bwd", (B, S), args, meta, x_cls, w.element_size(), block_n, head_loop, prefetch)
         if S > 1:
             block = 1024
             _cross_attention_dw_combine_kernel[(B, triton.cdiv(H * C, block))](part_dw, dw, H * C, S, BLOCK=block)
@@ -569,15 +691,59 @@ def cross_attention_core_backward(x_cls: Tensor, x_tokens: Tensor, w: Tensor, z:
 _TRITON_TYPES = {"float16": "fp16", "bfloat16": "bf16", "float32": "fp32", "float64": "fp64"}
 
 
+def _ptxas_usage(ptx: str, arch: int) -> dict:
+    """Registers per thread and spill bytes of ``ptx`` as the ptxas bundled with Triton reports
+    them (-v): the numbers the GPU build would have, read without a GPU. Kept in Triton's cache
+    (keyed by the PTX and the ptxas binary), as the compiled kernels are."""
+    import hashlib
+    import json
+    import re
+    import subprocess
+    import tempfile
+
+    from triton.runtime.cache import get_cache_manager
+
+    try:
+        from triton.backends.nvidia.compiler import get_ptxas, sm_arch_from_capability
+        ptxas, gpu_name = get_ptxas(arch).path, sm_arch_from_capability(arch)
+    except ImportError:  # a Triton without these helpers: its bundled binary, by the usual path
+        ptxas = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "ptxas")
+        gpu_name = f"sm_{arch}a" if arch >= 90 else f"sm_{arch}"
+    stat = os.stat(ptxas)
+    key = f"{ptxas}:{stat.st_size}:{stat.st_mtime_ns}:{gpu_name}\n{ptx}"
+    cache = get_cache_manager(hashlib.sha256(key.encode()).hexdigest())
+    cached = cache.get_file("ptxas_usage.json")
+    if cached is not None:
+        with open(cached) as f:
+            return json.load(f)
+    with tempfile.TemporaryDirectory() as tmp:
+        src = os.path.join(tmp, "kernel.ptx")
+        with open(src, "w") as f:
+            f.write(ptx)
+        proc = subprocess.run([ptxas, "-v", f"--gpu-name={gpu_name}", src, "-o", os.path.join(tmp, "kernel.cubin")],
+                              capture_output=True, text=True)
+    log = proc.stdout + proc.stderr
+    regs = re.search(r"Used (\d+) registers", log)
+    spills = re.search(r"(\d+) bytes spill stores, (\d+) bytes spill loads", log)
+    if proc.returncode != 0 or regs is None or spills is None:
+        raise RuntimeError(f"cannot read the register usage from {ptxas} -v:\n{log[-2000:]}")
+    usage = dict(registers=int(regs.group(1)), spill_stores=int(spills.group(1)), spill_loads=int(spills.group(2)))
+    cache.put(json.dumps(usage), "ptxas_usage.json", binary=False)
+    return usage
+
+
 def compile_for_gpu_target(which: str, dtype: str, C: int, H: int, split: bool = False, arch: int = 90,
-                           smem_limit: int = 227 * 1024) -> dict:
+                           smem_limit: int = 227 * 1024, config: Optional[dict] = None) -> dict:
     """Compile one kernel for NVIDIA sm_``arch`` (no GPU needed: Triton ships ptxas) with the config
-    the heuristic planner picks for a GPU with ``smem_limit`` bytes of shared memory per block.
+    the heuristic planner picks for a GPU with ``smem_limit`` bytes of shared memory per block, or
+    with ``config`` (BLOCK_N, HEAD_LOOP, PREFETCH, num_warps and optionally num_stages: an
+    autotune config, as ``triton.Config.all_kwargs()`` spells it).
 
     ``which`` is "fwd", "bwd", "fwd_combine" or "dw_combine"; ``dtype`` the input dtype's name.
     Returns the config, the shared memory the compiled kernel uses, the planner's estimate, the
-    cubin size and whether the PTX uses tensor-core (mma) instructions. Must run with
-    TRITON_INTERPRET unset (the interpreter replaces the kernels with Python functions).
+    cubin size, whether the PTX uses tensor-core (mma) instructions, and the registers per thread
+    and spill stores / loads (bytes) that ptxas reports. Must run with TRITON_INTERPRET unset (the
+    interpreter replaces the kernels with Python functions).
     """
     from triton.backends.compiler import GPUTarget
 
@@ -585,16 +751,35 @@ def compile_for_gpu_target(which: str, dtype: str, C: int, H: int, split: bool =
     tname = _TRITON_TYPES[dtype]
     acc = "fp64" if tname == "fp64" else "fp32"
     elem = 8 if acc == "fp64" else 4
+    num_stages = 1
     if which in ("fwd", "bwd"):
         kernel = _cross_attention_fwd_kernel if which == "fwd" else _cross_attention_bwd_kernel
         c_pad, h_pad = _pad(C), _pad(H)
-        cfg = _heuristic_config(which, c_pad, h_pad, elem, smem_limit, None, None)
-        consts = dict(BLOCK_N=cfg["BLOCK_N"], HEAD_LOOP=cfg["HEAD_LOOP"], C_PAD=c_pad, H_PAD=h_pad, SPLIT=split,
-                      INPUT_PRECISION=_input_precision(getattr(torch, dtype)))
+        if config is None:
+            cfg = _heuristic_config(which, c_pad, h_pad, elem, smem_limit, None, None, None,
+                                    _input_precision(getattr(torch, dtype)))
+        else:
+            cfg = dict(BLOCK_N=config["BLOCK_N"], HEAD_LOOP=config["HEAD_LOOP"],
+                       PREFETCH=config.get("PREFETCH", False), num_warps=config["num_warps"])
+            num_stages = config.get("num_stages", 1)
+        consts = dict(BLOCK_N=cfg["BLOCK_N"], HEAD_LOOP=cfg["HEAD_LOOP"], PREFETCH=cfg["PREFETCH"], C_PAD=c_pad,
+                      H_PAD=h_pad, SPLIT=split, INPUT_PRECISION=_input_precision(getattr(torch, dtype)))
         types = {n: "*" + tname for n in ("x_cls_ptr", "x_tok_ptr", "dx_cls_ptr", "dx_tok_ptr")}
         types.update({n: "*" + acc for n in ("w_ptr", "z_ptr", "lse_ptr", "part_l_ptr", "mean_ptr", "rstd_ptr",
                                              "dz_ptr", "dw_ptr")})
-        types.update(eps="fp32", stride_tok_b="i64")
+        types.update(eps="fp32")
+        # Specialised as the JIT specialises a launch in the model, where the tokens are the view
+        # branch[:, 1:] of a contiguous activation: an integer argument equal to 1 becomes a
+        # constant, and pointers and integers divisible by 16 are marked so. The unit channel
+        # stride and aligned rows let the compiler vectorise the token loads and stores, which
+        # changes the registers ptxas reports. M stays unmarked (the L branch's 196 patch tokens are
+        # not a multiple of 16), and stride_tok_b is that branch's (1 + 196) * C.
+        ints = dict(C=C, H=H, S=2 if split else 1, tokens_per_split=SPLIT_ALIGN, stride_cls_b=C, stride_cls_c=1,
+                    stride_tok_b=C * 197, stride_tok_m=C, stride_tok_c=1)
+        consts.update({n: 1 for n, v in ints.items() if v == 1})
+        aligned = {n for n, v in ints.items() if v % 16 == 0} | {n for n in types if types[n].startswith("*")}
+        if C * torch.empty((), dtype=getattr(torch, dtype)).element_size() % 16:
+            aligned.discard("x_tok_ptr")                        # the view starts one row into the branch
         num_warps = cfg["num_warps"]
         estimate = _smem_bytes(which, cfg["BLOCK_N"], c_pad, h_pad, elem, cfg["HEAD_LOOP"])
     else:
@@ -602,9 +787,13 @@ def compile_for_gpu_target(which: str, dtype: str, C: int, H: int, split: bool =
         cfg, estimate, num_warps = {}, None, 4
         consts = dict(S_PAD=8, BLOCK_C=128) if which == "fwd_combine" else dict(BLOCK=1024)
         types = {n: "*" + acc for n in kernel.arg_names if n.endswith("_ptr")}
+        aligned = set()
     signature = {n: ("constexpr" if n in consts else types.get(n, "i32")) for n in kernel.arg_names}
-    compiled = triton.compile(triton.compiler.ASTSource(fn=kernel, signature=signature, constexprs=consts),
-                              target=target, options=dict(num_warps=num_warps, num_stages=1))
-    return dict(which=which, dtype=dtype, C=C, H=H, split=split, config={k: v for k, v in cfg.items()},
+    attrs = {(i,): [["tt.divisibility", 16]] for i, n in enumerate(kernel.arg_names) if n in aligned}
+    source = triton.compiler.ASTSource(fn=kernel, signature=signature, constexprs=consts, attrs=attrs)
+    compiled = triton.compile(source, target=target, options=dict(num_warps=num_warps, num_stages=num_stages))
+    if cfg:
+        cfg["num_stages"] = num_stages
+    return dict(which=which, dtype=dtype, C=C, H=H, split=split, config=cfg,
                 shared=int(compiled.metadata.shared), estimate=estimate, cubin_bytes=len(compiled.asm["cubin"]),
-                mma="mma" in compiled.asm["ptx"])
+                mma="mma" in compiled.asm["ptx"], **_ptxas_usage(compiled.asm["ptx"], arch))
