@@ -109,6 +109,25 @@ def test_torch_core_backward_matches_autograd_of_core_forward():
     assert_close(dw, auto[2], name="dw", atol=1e-12, rtol=1e-10)
 
 
+@pytest.mark.parametrize("backend", ["torch"] + (["cpp"] if __import__("crossvit_kernels").available_backends()
+                                                 .get("cpp") is True else []))
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_core_backward_single_token_gives_exactly_zero_dw(backend, dtype):
+    """No patch tokens: the CLS attends to itself alone, p = 1 whatever the scores, so the absorbed
+    query's gradient is exactly zero, as the textbook softmax gives it (not a rounding residue)."""
+    from crossvit_kernels import backends
+    mod = backends.backend_module(backend)
+    gen = torch.Generator().manual_seed(5)
+    x_cls = torch.randn(3, 45, generator=gen).to(dtype)
+    x_tokens = torch.randn(3, 0, 45, generator=gen).to(dtype)
+    w = torch.randn(3, 5, 45, generator=gen) * 0.2
+    dz = torch.randn(3, 5, 45, generator=gen)
+    z, lse, mean, rstd = mod.cross_attention_core_forward(x_cls, x_tokens, w, 1e-6)
+    dx_cls, _, dw = mod.cross_attention_core_backward(x_cls, x_tokens, w, z, lse, mean, rstd, dz)
+    assert torch.count_nonzero(dw) == 0, f"max |dw| = {float(dw.abs().max()):.3g}"
+    assert torch.isfinite(dx_cls.float()).all()
+
+
 def test_cross_attention_does_not_copy_or_modify_inputs():
     inp = cross_attention_inputs(2, 8, 16, 2, torch.float32)
     before = {k: v.detach().clone() for k, v in inp.items() if isinstance(v, torch.Tensor)}

@@ -90,6 +90,8 @@ def cross_attention_core_backward(x_cls, x_tokens, w, z, lse, mean, rstd, dz):
     at = torch.exp(w @ xht_t - lse.unsqueeze(-1))                        # (B, H, M)
     dzz = (dz * z).sum(-1)                                               # (B, H)
     ds0 = a0 * ((dz @ xh0.unsqueeze(-1)).squeeze(-1) - dzz)
+    if x_tokens.shape[1] == 0:  # the CLS alone: p = 1 whatever the scores, a zero softmax gradient
+        ds0 = torch.zeros_like(ds0)
     dst = at * (dz @ xht_t - dzz.unsqueeze(-1))
     dxh0 = (a0.unsqueeze(1) @ dz + ds0.unsqueeze(1) @ w).squeeze(1)      # (B, C)
     dxht = at.transpose(1, 2) @ dz + dst.transpose(1, 2) @ w             # (B, M, C)
