@@ -362,3 +362,10 @@ def write_json(path: str, obj) -> None:
         json.dump(obj, f, indent=1, default=str)
         f.write("\n")
     os.replace(tmp, path)
+
+
+def save_rows(path: str, rows: List[dict]) -> None:
+    """Write a benchmark's result rows as JSON (creating the folder) and say where."""
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    write_json(path, rows)
+    print(f"wrote {len(rows)} rows to {path}")

@@ -7,6 +7,9 @@ batch and dtype, times the whole op (CLS LayerNorm, projections, the core, outpu
 * ``triton``:    ops.cross_attention(..., backend="triton") (the fused one-pass core),
 * ``torch``:     ops.cross_attention(..., backend="torch") (the same absorbed math in PyTorch ops),
 * ``reference``: ops.cross_attention(..., backend="reference") (the textbook form, as timm),
+* ``triton-unfused``: the same with its projections as PyTorch ops around the core (the fused
+                 projection kernels switched off): what fusing them saves; forward only (with a
+                 gradient the op always takes that path),
 * ``triton-core``: the one-pass core kernels alone (``torch.ops.crossvit_kernels.cross_attention_core``
                  with a given absorbed query), without the O(C^2) projections around them: how far
                  the kernels themselves are from the bytes-once floor,
@@ -33,7 +36,6 @@ CPU only:     python benchmarks/bench_triton_cross_attention.py --quick [--out .
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import sys
@@ -50,7 +52,7 @@ MODELS = {
             (1157, 192, 6), (577, 384, 6)],      # crossvit_15_dagger_408
 }
 DTYPES = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}
-BACKENDS = ("timm", "triton", "triton-core", "torch", "reference", "sdpa")
+BACKENDS = ("timm", "triton", "triton-unfused", "triton-core", "torch", "reference", "sdpa")
 PARAMS = ("norm_weight", "norm_bias", "wq", "bq", "wk", "bk", "wv", "bv", "wo", "bo")
 
 
@@ -125,6 +127,16 @@ def make_fn(torch, F, backend, t, H):
         return fn, [x_cls, t["branch"], w]
     from crossvit_kernels.ops import cross_attention
     args = [t[n] for n in PARAMS]
+    if backend == "triton-unfused":
+        from crossvit_kernels.triton.projections import FUSED_ENV
+
+        def fn():
+            os.environ[FUSED_ENV] = "0"
+            try:
+                return cross_attention(t["x_cls"], t["branch"][:, 1:], *args, num_heads=H, backend="triton")
+            finally:
+                del os.environ[FUSED_ENV]
+        return fn, list(t.values())
     fn = lambda: cross_attention(t["x_cls"], t["branch"][:, 1:], *args, num_heads=H, backend=backend)  # noqa: E731
     return fn, list(t.values())
 
@@ -175,6 +187,8 @@ def bench_gpu(args, device=None):
                     roofline_ms = token_bytes / bw * 1e3
                     timm_ms = None
                     for backend in backends:
+                        if grad and backend == "triton-unfused":
+                            continue    # with a gradient the op never takes the fused projections
                         row = dict(env, op="cross_attention", model=model, dtype=dname, B=B, N=N, C=C, H=H,
                                    mode=mode, backend=backend, bandwidth_GBps=bw / 1e9, bytes_once=token_bytes,
                                    roofline_ms=roofline_ms)
@@ -280,10 +294,8 @@ def main(argv=None):
                 p.error(f"unknown backend {name!r}: choose from {BACKENDS}")
         rows = bench_gpu(args)
     if args.out:
-        os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-        with open(args.out, "w") as f:
-            json.dump(rows, f, indent=1)
-        print(f"wrote {len(rows)} rows to {args.out}")
+        from _common import save_rows
+        save_rows(args.out, rows)
     return 0
 
 

@@ -28,7 +28,6 @@ CPU only:     python benchmarks/bench_triton_patch_embed.py --quick   (a tiny sm
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import sys
@@ -261,10 +260,8 @@ def main(argv=None):
               "Run with --quick for a CPU smoke of the torch backend.", file=sys.stderr)
         return 2
     if args.out:
-        os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-        with open(args.out, "w") as f:
-            json.dump(rows, f, indent=1)
-        print(f"wrote {len(rows)} rows to {args.out}")
+        from _common import save_rows
+        save_rows(args.out, rows)
     return 0
 
 

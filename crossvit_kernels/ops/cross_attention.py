@@ -154,6 +154,11 @@ def _cross_attention(x_cls, x_tokens, norm_weight, norm_bias, wq, bq, wk, bk, wv
     _validate(x_cls, x_tokens, norm_weight, norm_bias, wq, bq, wk, bk, wv, bv, wo, bo, num_heads, eps, backend)
     name = backend if backend is not None else _backends.get_default_backend()
     name = _backends._check_name(name)
+    if name != "reference" and not (attn_drop > 0.0 and training):
+        out = _fused_triton_inference(x_cls, x_tokens, norm_weight, norm_bias, wq, bq, wk, bk, wv, bv, wo, bo,
+                                      num_heads, float(eps), name, residual)
+        if out is not None:
+            return out
     if name == "reference" or (attn_drop > 0.0 and training):
         # attention dropout needs the probabilities of every token: only the textbook form has them
         delta = _reference_delta(x_cls, x_tokens, norm_weight, norm_bias, wq, bq, wk, bk, wv, bv, wo, bo,
@@ -162,6 +167,28 @@ def _cross_attention(x_cls, x_tokens, norm_weight, norm_bias, wq, bq, wk, bk, wv
         delta = _absorbed_delta(x_cls, x_tokens, norm_weight, norm_bias, wq, bq, wk, bk, wv, bv, wo, bo,
                                 num_heads, float(eps), name)
     return x_cls + delta if residual else delta
+
+
+def _fused_triton_inference(x_cls, x_tokens, norm_weight, norm_bias, wq, bq, wk, bk, wv, bv, wo, bo, H, eps,
+                            name, residual) -> Optional[Tensor]:
+    """The triton backend's forward in four or five kernels (its projections fused, see
+    crossvit_kernels/triton/projections.py) when no input needs a gradient, in plain eager mode;
+    None where the general path must run (autograd, a tracer or compiler watching, float64,
+    another backend)."""
+    if not (x_cls.is_cuda or name == "triton"):  # "auto" picks triton for CUDA tensors only
+        return None
+    tensors = [t for t in (x_cls, x_tokens, norm_weight, norm_bias, wq, bq, wk, bk, wv, bv, wo, bo) if t is not None]
+    if torch.is_grad_enabled() and any(t.requires_grad for t in tensors):
+        return None
+    if x_cls.dtype not in (torch.float16, torch.bfloat16, torch.float32) or not _library._plain_eager(*tensors):
+        return None
+    if _backends.resolve_backend("cross_attention", name, x_cls.device, x_cls.dtype) != "triton":
+        return None
+    from ..triton import projections  # importable: the triton backend resolved
+    if not projections.fused_projections_enabled():
+        return None
+    return projections.cross_attention_forward_fused(x_cls, x_tokens, norm_weight, norm_bias, wq, bq, wk, wv, bv,
+                                                     wo, bo, H, eps, residual=residual)
 
 
 def _reference_delta(x_cls, x_tokens, norm_weight, norm_bias, wq, bq, wk, bk, wv, bv, wo, bo, H, eps, attn_drop):

@@ -1,0 +1,192 @@
+"""The triton backend's inference forward with fused projections (crossvit_kernels/triton/projections.py).
+
+When no input needs a gradient, ``ops.cross_attention(..., backend="triton")`` runs the query
+projection, the core, the value projection and the output projection + residual as four or five
+kernels. These tests check that path against the float64 oracle with the flash-attention
+criterion (tests/helpers.py), that it is taken exactly when it should be, that every output
+element is written, and (compile-only) that its kernels build for sm_90.
+"""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from helpers import (FACTOR, HAS_GPU, assert_close, assert_within_ref_error, compile_env, cross_attention_inputs,
+                     poison_, requires_triton, run_cross_attention, triton_installs, upcast)
+
+pytestmark = requires_triton
+
+DEVICE = "cuda" if HAS_GPU else "cpu"
+
+
+def _projections():
+    from crossvit_kernels.triton import projections as P
+    return P
+
+
+@pytest.fixture
+def spy(monkeypatch):
+    """Counts calls of the fused forward and NaN-fills every buffer the launchers allocate."""
+    P = _projections()
+    from crossvit_kernels.triton import cross_attention as K
+    calls = []
+    real_fused, real_empty = P.cross_attention_forward_fused, K._empty
+
+    def fused(*args, **kwargs):
+        calls.append(args[0].shape)
+        return real_fused(*args, **kwargs)
+
+    monkeypatch.setattr(P, "cross_attention_forward_fused", fused)
+    monkeypatch.setattr(K, "_empty", lambda shape, dtype, device: poison_(real_empty(shape, dtype, device)))
+    monkeypatch.delenv(P.FUSED_ENV, raising=False)
+    return calls
+
+
+def check_inference(B, M, C, H, dtype, strided=True, bias=True, affine=True, seed=0):
+    inputs = cross_attention_inputs(B, M, C, H, dtype=dtype, device=DEVICE, strided=strided, bias=bias, seed=seed,
+                                    requires_grad=False)
+    if not affine:
+        inputs["norm_weight"] = inputs["norm_bias"] = None
+    with torch.no_grad():
+        out, _ = run_cross_attention(inputs, "triton")
+        ref, _ = run_cross_attention(inputs, "reference")
+        ora, _ = run_cross_attention(upcast(inputs, torch.float64), "reference")
+    assert out.dtype == dtype and out.shape == (B, C) and out.is_contiguous()
+    assert_within_ref_error(out, ref, ora, dtype, name="out", factor=FACTOR)
+    return inputs, out
+
+
+SHAPES = [
+    pytest.param(2, 1, 45, 3, True, id="M1-C45-H3"),
+    pytest.param(2, 0, 45, 5, True, id="M0-C45-H5"),
+    pytest.param(1, 24, 32, 1, False, id="B1-one-head-contiguous"),
+    pytest.param(17, 30, 96, 3, True, id="B17-two-row-tiles"),
+    pytest.param(2, 20, 80, 5, True, id="head-dim-16-C-not-multiple-of-64"),
+]
+
+
+@pytest.mark.parametrize("B,M,C,H,strided", SHAPES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=["fp32", "bf16", "fp16"])
+def test_fused_inference_matches_oracle(spy, B, M, C, H, strided, dtype):
+    check_inference(B, M, C, H, dtype, strided=strided)
+    assert spy == [(B, C)], "the fused projections did not run"
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_fused_inference_real_shape(spy, dtype):
+    check_inference(2, 400, 224, 7, dtype)      # CrossViT-18's small-branch fusion
+    assert len(spy) == 1
+
+
+@pytest.mark.parametrize("bias,affine", [(False, True), (True, False), (False, False)],
+                         ids=["no-biases", "no-norm-affine", "neither"])
+def test_fused_inference_optional_parameters(spy, bias, affine):
+    check_inference(3, 10, 48, 3, torch.float32, bias=bias, affine=affine)
+    assert len(spy) == 1
+
+
+def test_fused_inference_strided_cls_and_no_residual(spy):
+    """x_cls as the CLS row of a branch (a strided view), and the op without its residual (what the
+    module calls when drop-path is active) against the general path's delta."""
+    from crossvit_kernels.ops.cross_attention import _cross_attention
+    inputs = cross_attention_inputs(3, 20, 48, 4, device=DEVICE, requires_grad=False)
+    branch = inputs["branch"]
+    names = ("norm_weight", "norm_bias", "wq", "bq", "wk", "bk", "wv", "bv", "wo", "bo")
+    params = [inputs[n] for n in names]
+    x_cls = branch[:, 0]
+    assert not x_cls.is_contiguous()
+    with torch.no_grad():
+        out = _cross_attention(x_cls, branch[:, 1:], *params, 4, 1e-6, "triton", residual=True)
+        delta = _cross_attention(x_cls, branch[:, 1:], *params, 4, 1e-6, "triton", residual=False)
+    assert len(spy) == 2
+    with torch.enable_grad():   # the general path (autograd recorded, PyTorch projections)
+        w = inputs["wq"].detach().clone().requires_grad_(True)
+        general = _cross_attention(x_cls, branch[:, 1:], params[0], params[1], w, *params[3:], 4, 1e-6, "triton",
+                                   residual=False)
+    assert len(spy) == 2
+    assert_close(delta, general.detach(), atol=2e-6, rtol=1e-5, name="delta")
+    assert_close(out, x_cls + delta, atol=2e-6, rtol=1e-6, name="out")
+
+
+def test_fused_path_only_without_gradients(spy):
+    """Autograd needs the intermediate projections: a leaf that requires a gradient keeps the
+    general path, and so does the environment switch; both agree with the fused forward."""
+    P = _projections()
+    inputs = cross_attention_inputs(2, 12, 32, 2, device=DEVICE, requires_grad=True)
+    out_grad, _ = run_cross_attention(inputs, "triton")
+    assert spy == []
+    with torch.no_grad():
+        out_fused, _ = run_cross_attention(inputs, "triton")
+    assert len(spy) == 1
+    os.environ[P.FUSED_ENV] = "0"
+    try:
+        with torch.no_grad():
+            out_off, _ = run_cross_attention(inputs, "triton")
+    finally:
+        del os.environ[P.FUSED_ENV]
+    assert len(spy) == 1
+    assert_close(out_fused, out_grad.detach(), atol=2e-6, rtol=1e-5, name="fused vs general")
+    assert_close(out_off, out_grad.detach(), atol=0, rtol=0, name="switched off vs general")
+
+
+def test_other_backends_and_float64_never_fused(spy):
+    inputs = cross_attention_inputs(2, 12, 32, 2, device=DEVICE, requires_grad=False)
+    with torch.no_grad():
+        run_cross_attention(inputs, "torch")
+        run_cross_attention(upcast(inputs, torch.float64), "triton")
+    assert spy == []
+
+
+# ---------------------------------------------------------------------------------------------
+# compile-only: the kernels build for sm_90 with every Triton install (no GPU needed)
+# ---------------------------------------------------------------------------------------------
+
+COMPILE_SPECS = [(which, dtype, C, H)
+                 for which in ("query", "value", "output")
+                 for dtype, C, H in (("bfloat16", 224, 7), ("bfloat16", 768, 12), ("float32", 448, 7),
+                                     ("float16", 96, 3))]
+
+
+def _nvidia_reason():
+    try:
+        from triton.backends import backends
+        return None if "nvidia" in backends else "this Triton install has no NVIDIA backend"
+    except Exception as exc:
+        return f"cannot use Triton's compiler: {exc}"
+
+
+@pytest.mark.skipif(_nvidia_reason() is not None, reason=str(_nvidia_reason()))
+@pytest.mark.parametrize("install", triton_installs(), ids=lambda t: t[0])
+def test_projection_kernels_compile_for_sm90(install):
+    code = ("import json, sys\n"
+            "sys.path.insert(0, sys.argv[2])\n"
+            "from helpers import check_triton_version\n"
+            "version = check_triton_version()\n"
+            "from crossvit_kernels.triton.projections import compile_for_gpu_target as f\n"
+            "print('RESULT' + json.dumps([dict(f(*spec), triton=version) for spec in json.loads(sys.argv[1])]))\n")
+    proc = subprocess.run([sys.executable, "-c", code, json.dumps(COMPILE_SPECS), os.path.dirname(__file__)],
+                          env=compile_env(install[1]), capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, f"compiling for sm_90 ({install[0]}) failed:\n{proc.stderr[-4000:]}"
+    results = json.loads([ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT")][-1][len("RESULT"):])
+    assert len(results) == len(COMPILE_SPECS)
+    for r in results:
+        assert r["cubin_bytes"] > 0, r
+        assert r["shared"] <= 48 * 1024, f"more shared memory than the default per-block limit: {r}"
+
+
+# ---------------------------------------------------------------------------------------------
+# GPU only
+# ---------------------------------------------------------------------------------------------
+
+@pytest.mark.skipif(not HAS_GPU, reason="needs a CUDA GPU")
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=["bf16", "fp32"])
+@pytest.mark.parametrize("B,N,C,H", [(256, 401, 224, 7), (256, 197, 448, 7), (1, 577, 768, 12)])
+def test_gpu_fused_inference(spy, B, N, C, H, dtype):
+    check_inference(B, N - 1, C, H, dtype)
+    assert len(spy) == 1
