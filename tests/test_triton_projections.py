@@ -190,3 +190,22 @@ def test_projection_kernels_compile_for_sm90(install):
 def test_gpu_fused_inference(spy, B, N, C, H, dtype):
     check_inference(B, N - 1, C, H, dtype)
     assert len(spy) == 1
+
+
+def test_model_inference_on_the_triton_backend(spy):
+    """A whole model at inference on the triton backend (the interpreter here): every fusion
+    cross-attention takes the fused projections, and the logits are timm's within float32 rounding."""
+    import timm
+    import crossvit_kernels as ck
+    torch.manual_seed(0)
+    ref = timm.create_model("crossvit_tiny_240").eval()
+    model = ck.create_model("crossvit_tiny_240").eval()
+    model.load_state_dict(ref.state_dict())
+    images = torch.randn(1, 3, 240, 240)
+    with torch.no_grad():
+        expected = ref(images)
+        with ck.use_backend("triton"):
+            got = model(images)
+    fusions = sum(len(blk.fusion) for blk in model.blocks)
+    assert len(spy) == fusions > 0, (len(spy), fusions)
+    assert_close(got, expected, atol=1e-4 * float(expected.abs().max()), rtol=1e-4, name="logits")
