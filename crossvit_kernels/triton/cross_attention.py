@@ -515,8 +515,11 @@ def _prune(which: str):
 @functools.lru_cache(maxsize=None)
 def _autotuned(which: str):
     kernel = {"fwd": _cross_attention_fwd_kernel, "bwd": _cross_attention_bwd_kernel}[which]
+    # cache_results: the choice is kept in Triton's cache (per kernel source, GPU architecture,
+    # shape key and config list), so only the first process on a machine pays the tuning (every
+    # kept config compiled and timed) and later processes run the same config, with the same bits.
     return triton.autotune(configs=_autotune_configs(), key=["M", "C", "H", "S", "C_PAD", "H_PAD"],
-                           prune_configs_by={"early_config_prune": _prune(which)})(kernel)
+                           prune_configs_by={"early_config_prune": _prune(which)}, cache_results=True)(kernel)
 
 
 def _launch(which: str, grid, args, meta: dict, x: Tensor, elem: int, block_n: Optional[int],
