@@ -69,6 +69,21 @@ def _ln_stats(x_cls_ptr, rows, rmask, C, eps, stride_b, stride_c, BLOCK_B: tl.co
 
 
 @triton.jit
+def _affine_times_head_rows(t, tmask, offs_k, kmask, gamma_ptr, beta_ptr, w_ptr, h, D, offs_d, dmask, C,
+                            HAS_GAMMA: tl.constexpr, HAS_BETA: tl.constexpr):
+    """(gamma * t + beta) [BLOCK_B, BLOCK_K] times rows h*D .. h*D+D of a (C, C) weight, transposed
+    ([BLOCK_K, D_PAD]): one K-step of a head's projection, zero outside tmask."""
+    if HAS_GAMMA:
+        t = t * tl.load(gamma_ptr + offs_k, mask=kmask, other=0.0).to(tl.float32)[None, :]
+    if HAS_BETA:
+        t = t + tl.load(beta_ptr + offs_k, mask=kmask, other=0.0).to(tl.float32)[None, :]
+    t = tl.where(tmask, t, 0.0)
+    w_t = tl.load(w_ptr + (h * D + offs_d)[None, :] * C + offs_k[:, None],
+                  mask=kmask[:, None] & dmask[None, :], other=0.0).to(tl.float32)
+    return tl.dot(t, w_t, input_precision="ieee")
+
+
+@triton.jit
 def _xattn_query_kernel(
     x_cls_ptr,            # (B, C), any strides
     gamma_ptr,            # (C,) LayerNorm weight (x_cls when HAS_GAMMA is false: never read)
@@ -97,15 +112,8 @@ def _xattn_query_kernel(
         xmask = rmask[:, None] & kmask[None, :]
         x = tl.load(x_cls_ptr + rows[:, None] * stride_cls_b + offs_k[None, :] * stride_cls_c,
                     mask=xmask, other=0.0).to(tl.float32)
-        y = (x - mean[:, None]) * rstd[:, None]
-        if HAS_GAMMA:
-            y = y * tl.load(gamma_ptr + offs_k, mask=kmask, other=0.0).to(tl.float32)[None, :]
-        if HAS_BETA:
-            y = y + tl.load(beta_ptr + offs_k, mask=kmask, other=0.0).to(tl.float32)[None, :]
-        y = tl.where(xmask, y, 0.0)
-        wq_t = tl.load(wq_ptr + (h * D + offs_d)[None, :] * C + offs_k[:, None],
-                       mask=kmask[:, None] & dmask[None, :], other=0.0).to(tl.float32)      # [BLOCK_K, D_PAD]
-        q += tl.dot(y, wq_t, input_precision="ieee")
+        q += _affine_times_head_rows((x - mean[:, None]) * rstd[:, None], xmask, offs_k, kmask, gamma_ptr,
+                                     beta_ptr, wq_ptr, h, D, offs_d, dmask, C, HAS_GAMMA, HAS_BETA)
     if HAS_BQ:
         q += tl.load(bq_ptr + h * D + offs_d, mask=dmask, other=0.0).to(tl.float32)[None, :]
 
@@ -146,14 +154,8 @@ def _xattn_value_kernel(
         kmask = offs_k < C
         zmask = rmask[:, None] & kmask[None, :]
         z = tl.load(z_ptr + (rows[:, None] * H + h) * C + offs_k[None, :], mask=zmask, other=0.0)
-        if HAS_GAMMA:
-            z = z * tl.load(gamma_ptr + offs_k, mask=kmask, other=0.0).to(tl.float32)[None, :]
-        if HAS_BETA:
-            z = z + tl.load(beta_ptr + offs_k, mask=kmask, other=0.0).to(tl.float32)[None, :]
-        z = tl.where(zmask, z, 0.0)
-        wv_t = tl.load(wv_ptr + (h * D + offs_d)[None, :] * C + offs_k[:, None],
-                       mask=kmask[:, None] & dmask[None, :], other=0.0).to(tl.float32)      # [BLOCK_K, D_PAD]
-        o += tl.dot(z, wv_t, input_precision="ieee")
+        o += _affine_times_head_rows(z, zmask, offs_k, kmask, gamma_ptr, beta_ptr, wv_ptr, h, D, offs_d, dmask, C,
+                                     HAS_GAMMA, HAS_BETA)
     if HAS_BV:
         o += tl.load(bv_ptr + h * D + offs_d, mask=dmask, other=0.0).to(tl.float32)[None, :]
     tl.store(o_ptr + rows[:, None] * C + (h * D + offs_d)[None, :], o, mask=rmask[:, None] & dmask[None, :])
