@@ -38,6 +38,7 @@ def collect() -> Dict[str, object]:
 
     import crossvit_kernels as ck
     from crossvit_kernels import backends
+    from crossvit_kernels.backends.base import OPS
 
     devices = [{"type": "cpu", "name": cpu_model(), "threads": torch.get_num_threads()}]
     if torch.cuda.is_available():
@@ -48,7 +49,7 @@ def collect() -> Dict[str, object]:
     avail = ck.available_backends()
     dispatch = {}
     for dev in ["cpu"] + (["cuda"] if torch.cuda.is_available() else []):
-        for op in backends.OPS:
+        for op in OPS:
             dispatch[f"{op}@{dev}"] = backends.explain_dispatch(op, dev, torch.float32)
     return {
         "crossvit_kernels": ck.__version__,

@@ -2,6 +2,10 @@
 
 Every module here has the state_dict keys and defaults of its timm counterpart
 (``timm.models.crossvit`` / ``timm.models.vision_transformer``), so timm checkpoints load unchanged.
+
+The fused forwards are written once, as functions of a module with timm's attribute names
+(:func:`fused_cross_attention_block`, :func:`fused_encoder_block`, :func:`embed_tokens`): these
+modules call them, and so do the timm modules that :func:`crossvit_kernels.patch_timm` converts.
 """
 from __future__ import annotations
 
@@ -120,15 +124,22 @@ class CrossAttentionBlock(nn.Module):
 
     def forward_cls(self, x_cls: Tensor, x_tokens: Tensor) -> Tensor:
         """(B, C) query, (B, M, C) tokens -> (B, C) new CLS."""
-        a, n = self.attn, self.norm1
-        drop_active = self.training and (a.proj_drop.p > 0 or isinstance(self.drop_path, DropPath))
-        delta = _cross_attention(
-            x_cls, x_tokens, n.weight, n.bias, a.wq.weight, a.wq.bias, a.wk.weight, a.wk.bias,
-            a.wv.weight, a.wv.bias, a.proj.weight, a.proj.bias, a.num_heads, n.eps, self.backend,
-            residual=not drop_active, attn_drop=a.attn_drop.p, training=self.training)
-        if not drop_active:
-            return delta
-        return x_cls + self.drop_path(a.proj_drop(delta))
+        return fused_cross_attention_block(self, x_cls, x_tokens, self.backend)
+
+
+def fused_cross_attention_block(blk: nn.Module, x_cls: Tensor, x_tokens: Tensor, backend: Optional[str]) -> Tensor:
+    """A cross-attention block with timm's names (``norm1``, ``attn.wq/wk/wv/proj``,
+    ``attn.attn_drop``, ``attn.proj_drop``, ``drop_path``) on the fused op: (B, C) query and
+    (B, M, C) tokens -> (B, C) new CLS, timm's block on [x_cls; x_tokens]."""
+    a, n = blk.attn, blk.norm1
+    drop_active = blk.training and (a.proj_drop.p > 0 or not isinstance(blk.drop_path, nn.Identity))
+    delta = _cross_attention(
+        x_cls, x_tokens, n.weight, n.bias, a.wq.weight, a.wq.bias, a.wk.weight, a.wk.bias,
+        a.wv.weight, a.wv.bias, a.proj.weight, a.proj.bias, a.num_heads, n.eps, backend,
+        residual=not drop_active, attn_drop=a.attn_drop.p, training=blk.training)
+    if not drop_active:
+        return delta
+    return x_cls + blk.drop_path(a.proj_drop(delta))
 
 
 class Attention(nn.Module):
@@ -249,22 +260,25 @@ class Block(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         if not self.training and onednn_linear_usable(x, self.attn.qkv.weight):
-            return self._forward_cpu_inference(x)
+            return fused_encoder_block(self, x)
         x = x + self.drop_path1(self.attn(self.norm1(x)))
         x = x + self.drop_path2(self.mlp(self.norm2(x)))
         return x
 
-    def _forward_cpu_inference(self, x: Tensor) -> Tensor:
-        """The same block with its four linears on oneDNN's fused linear + bias (+ exact GELU)."""
-        a, m = self.attn, self.mlp
-        B, N, C = x.shape
-        qkv = onednn_linear(self.norm1(x), a.qkv).reshape(B, N, 3, a.num_heads, a.head_dim).permute(2, 0, 3, 1, 4)
-        q, k, v = qkv.unbind(0)
-        o = F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(B, N, C)
-        x = x + onednn_linear(o, a.proj)
-        gelu = type(m.act) is nn.GELU and m.act.approximate == "none"
-        h = onednn_linear(self.norm2(x), m.fc1, gelu=gelu)
-        return x + onednn_linear(h if gelu else m.act(h), m.fc2)
+
+def fused_encoder_block(blk: nn.Module, x: Tensor) -> Tensor:
+    """An encoder block with timm's names (``norm1``, ``attn.qkv``, ``attn.proj``, ``norm2``,
+    ``mlp.fc1``, ``mlp.act``, ``mlp.fc2``) at CPU inference, where :func:`onednn_linear_usable`:
+    the same math with its four linears on oneDNN's fused linear + bias (+ exact GELU)."""
+    a, m = blk.attn, blk.mlp
+    B, N, _ = x.shape
+    qkv = onednn_linear(blk.norm1(x), a.qkv).reshape(B, N, 3, a.num_heads, a.head_dim).permute(2, 0, 3, 1, 4)
+    q, k, v = qkv.unbind(0)
+    o = F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(B, N, a.num_heads * a.head_dim)
+    x = x + onednn_linear(o, a.proj)
+    gelu = type(m.act) is nn.GELU and m.act.approximate == "none"
+    h = onednn_linear(blk.norm2(x), m.fc1, gelu=gelu)
+    return x + onednn_linear(h if gelu else m.act(h), m.fc2)
 
 
 class PatchEmbed(nn.Module):
@@ -306,20 +320,30 @@ class PatchEmbed(nn.Module):
         else:
             self.proj = nn.Conv2d(in_chans, embed_dim, kernel_size=patch_size, stride=patch_size, **dd)
 
-    def _check(self, x: Tensor) -> None:
-        if x.dim() != 4:
-            raise ValueError(f"expected images of shape (B, C, H, W), got {tuple(x.shape)}")
-        if tuple(x.shape[-2:]) != self.img_size:
-            raise ValueError(f"Input image size ({x.shape[-2]}*{x.shape[-1]}) doesn't match model "
-                             f"({self.img_size[0]}*{self.img_size[1]}).")
-
     def forward(self, x: Tensor) -> Tensor:
-        self._check(x)
+        _check_image_size(self, x)
         return self.proj(x).flatten(2).transpose(1, 2)
 
     def forward_tokens(self, x: Tensor, cls_token: Tensor, pos_embed: Tensor) -> Tensor:
         """(B, Cin, H, W) -> (B, 1 + P, C): [cls + pos[0]; patches + pos[1:]]."""
-        self._check(x)
-        if not self.multi_conv:
-            return _patch_embed_op(x, self.proj.weight, self.proj.bias, pos_embed, cls_token, backend=self.backend)
-        return conv_tokens(self.proj(x), cls_token, pos_embed)
+        return embed_tokens(self, x, cls_token, pos_embed, self.backend, linear=not self.multi_conv)
+
+
+def _check_image_size(pe: nn.Module, x: Tensor) -> None:
+    H, W = x.shape[-2:]
+    if H != pe.img_size[0] or W != pe.img_size[1]:
+        raise ValueError(f"Input image size ({H}*{W}) doesn't match model ({pe.img_size[0]}*{pe.img_size[1]}).")
+
+
+def embed_tokens(pe: nn.Module, x: Tensor, cls_token: Tensor, pos_embed: Tensor, backend: Optional[str],
+                 linear: bool) -> Tensor:
+    """A branch's token buffer (B, 1 + P, C) = [cls + pos[0]; patches + pos[1:]] from a patch
+    embedding with timm's names (``img_size``, ``patch_size``, ``proj``). ``linear``: ``proj`` is
+    one stride-p convolution, which runs as the fused patch_embed op; else the convolutions run
+    and :func:`conv_tokens` writes the epilogue."""
+    _check_image_size(pe, x)
+    if linear and x.shape[-2] % pe.patch_size[0] == 0 and x.shape[-1] % pe.patch_size[1] == 0:
+        return _patch_embed_op(x, pe.proj.weight, pe.proj.bias, pos_embed, cls_token, backend=backend)
+    # the dagger convolutions, or a linear embedding whose patches do not tile the image (the
+    # convolution drops the remainder, as in timm)
+    return conv_tokens(pe.proj(x), cls_token, pos_embed)

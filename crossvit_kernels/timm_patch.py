@@ -36,9 +36,7 @@ import torch.nn.functional as F
 
 from . import backends as _backends
 from .models.fusion import fuse_cross_attention
-from .modules import conv_tokens, onednn_linear, onednn_linear_usable
-from .ops.cross_attention import _cross_attention
-from .ops.patch_embed import patch_embed as _patch_embed_op
+from .modules import embed_tokens, fused_cross_attention_block, fused_encoder_block, onednn_linear_usable
 
 Tensor = torch.Tensor
 
@@ -64,19 +62,6 @@ def _timm_crossvit():
 # patched methods
 # ---------------------------------------------------------------------------------------------
 
-def _embed_tokens(pe: nn.Module, x: Tensor, cls_token: Tensor, pos_embed: Tensor, backend: Optional[str],
-                  linear: bool) -> Tensor:
-    """One branch's token buffer (B, 1 + P, C) = [cls + pos[0]; patches + pos[1:]]."""
-    H, W = x.shape[-2:]
-    if H != pe.img_size[0] or W != pe.img_size[1]:
-        raise ValueError(f"Input image size ({H}*{W}) doesn't match model ({pe.img_size[0]}*{pe.img_size[1]}).")
-    if linear and H % pe.patch_size[0] == 0 and W % pe.patch_size[1] == 0:
-        return _patch_embed_op(x, pe.proj.weight, pe.proj.bias, pos_embed, cls_token, backend=backend)
-    # the dagger convolutions, or a linear embedding whose patches do not tile the image (the
-    # convolution drops the remainder, as in timm)
-    return conv_tokens(pe.proj(x), cls_token, pos_embed)
-
-
 def _crossvit_embed(self, x: Tensor) -> List[Tensor]:
     tc = _timm_crossvit()
     backend = getattr(self, _BACKEND, None)
@@ -84,8 +69,8 @@ def _crossvit_embed(self, x: Tensor) -> List[Tensor]:
     for i, pe in enumerate(self.patch_embed):
         x_ = tc.scale_image(x, self.img_size_scaled[i], self.crop_scale)
         linear = getattr(pe, _FUSED, False)
-        tokens = _embed_tokens(pe, x_, getattr(self, f"cls_token_{i}"), getattr(self, f"pos_embed_{i}"), backend,
-                               linear)
+        tokens = embed_tokens(pe, x_, getattr(self, f"cls_token_{i}"), getattr(self, f"pos_embed_{i}"), backend,
+                              linear)
         xs.append(self.pos_drop(tokens))
     return xs
 
@@ -100,12 +85,8 @@ def _crossvit_forward_features(self, x: Tensor) -> List[Tensor]:
 
 
 def _msb_forward(self, x: List[Tensor]) -> List[Tensor]:
-    if self.blocks is None:
-        outs_b, own = list(x), False
-    else:
-        outs_b = [block(x[i]) for i, block in enumerate(self.blocks)]
-        own = len(outs_b) == self.num_branches
-    return fuse_cross_attention(self.projs, self.fusion, self.revert_projs, outs_b, reuse_inputs=own)
+    outs_b = list(x) if self.blocks is None else [block(x[i]) for i, block in enumerate(self.blocks)]
+    return fuse_cross_attention(self.projs, self.fusion, self.revert_projs, outs_b)
 
 
 def _cab_forward_cls(self, x_cls: Tensor, x_tokens: Tensor) -> Tensor:
@@ -113,15 +94,7 @@ def _cab_forward_cls(self, x_cls: Tensor, x_tokens: Tensor) -> Tensor:
     if not getattr(self, _FUSED, False):
         out = self.__dict__[_ORIG].forward(self, torch.cat([x_cls.unsqueeze(1), x_tokens], dim=1))
         return out[:, 0]
-    a, n = self.attn, self.norm1
-    drop_active = self.training and (a.proj_drop.p > 0 or not isinstance(self.drop_path, nn.Identity))
-    delta = _cross_attention(
-        x_cls, x_tokens, n.weight, n.bias, a.wq.weight, a.wq.bias, a.wk.weight, a.wk.bias, a.wv.weight, a.wv.bias,
-        a.proj.weight, a.proj.bias, a.num_heads, n.eps, getattr(self, _BACKEND, None),
-        residual=not drop_active, attn_drop=a.attn_drop.p, training=self.training)
-    if not drop_active:
-        return delta
-    return x_cls + self.drop_path(a.proj_drop(delta))
+    return fused_cross_attention_block(self, x_cls, x_tokens, getattr(self, _BACKEND, None))
 
 
 def _cab_forward(self, x: Tensor) -> Tensor:
@@ -131,15 +104,9 @@ def _cab_forward(self, x: Tensor) -> Tensor:
 def _block_forward(self, x: Tensor) -> Tensor:
     """timm's pre-norm encoder block; at CPU inference its four linears run on oneDNN with the
     bias (and fc1's GELU) fused. Training, other devices and torch.compile use timm's code."""
-    a, m = self.attn, self.mlp
-    if self.training or self.__dict__.get(_BACKEND) == "reference" or not onednn_linear_usable(x, a.qkv.weight):
+    if self.training or self.__dict__.get(_BACKEND) == "reference" or not onednn_linear_usable(x, self.attn.qkv.weight):
         return self.__dict__[_ORIG].forward(self, x)
-    B, N, C = x.shape
-    qkv = onednn_linear(self.norm1(x), a.qkv).reshape(B, N, 3, a.num_heads, a.head_dim).permute(2, 0, 3, 1, 4)
-    q, k, v = qkv.unbind(0)
-    o = F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(B, N, a.num_heads * a.head_dim)
-    x = x + onednn_linear(o, a.proj)
-    return x + onednn_linear(onednn_linear(self.norm2(x), m.fc1, gelu=True), m.fc2)
+    return fused_encoder_block(self, x)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -256,7 +223,7 @@ def patch_timm(model: nn.Module, backend: Optional[str] = None, encoder: bool = 
     """
     tc = _check_model(model, "patch_timm")
     if backend is not None:
-        _backends._check_name(backend)
+        _backends.check_name(backend)
     if hasattr(tc.CrossVit, "_embed"):     # timm >= 1.0.30: forward_features and forward_intermediates use it
         embed_name, embed = "_embed", {"_embed": _crossvit_embed}
     else:                                  # older timm: the embedding is inline in forward_features

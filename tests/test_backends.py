@@ -78,7 +78,7 @@ def test_import_is_lazy():
 def test_broken_backend_module_degrades_with_one_warning(monkeypatch):
     """A backend whose import fails (as a broken extension would) is reported unavailable with the
     reason, auto falls back to the next backend and warns exactly once."""
-    monkeypatch.setitem(backends._MODULES, "cpp", "crossvit_kernels._no_such_module_for_test")
+    monkeypatch.setitem(backends._CLASSES, "cpp", ("crossvit_kernels._no_such_module_for_test", "CppBackend"))
     monkeypatch.setattr(backends, "_loaded", {k: v for k, v in backends._loaded.items() if k != "cpp"})
     monkeypatch.setattr(backends, "_load_errors", {})
     monkeypatch.setattr(backends, "_warned", set())

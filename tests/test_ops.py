@@ -4,10 +4,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from crossvit_kernels.impl import torch_impl
+from crossvit_kernels.backends import get_backend
 from crossvit_kernels.ops import cross_attention, patch_embed
-from helpers import (FACTOR, GRAD_FACTOR, TOL, assert_close, assert_within_ref_error, cross_attention_inputs,
-                     run_cross_attention, upcast)
+from helpers import (FACTOR, GRAD_FACTOR, TOL, XATTN_ARGS as XATTN_NAMES, assert_close, assert_within_ref_error,
+                     cross_attention_inputs, run_cross_attention, upcast)
 
 # (B, M, C, H): one patch token, no patch token, odd and prime widths, one head, B = 1, and the
 # real CrossViT-18 fusion shapes (N = 1 + M = 401 at C = 224, 197 at C = 448, 7 heads).
@@ -99,11 +99,11 @@ def test_torch_core_backward_matches_autograd_of_core_forward():
     branch = torch.randn(B, M + 1, C, dtype=torch.float64, generator=gen, requires_grad=True)
     w = torch.randn(B, H, C, dtype=torch.float64, generator=gen, requires_grad=True)
     dz = torch.randn(B, H, C, dtype=torch.float64, generator=gen)
-    z, lse, mean, rstd = torch_impl.cross_attention_core_forward(x_cls, branch[:, 1:], w, 1e-6)
+    torch_backend = get_backend("torch")
+    z, lse = torch_backend.cross_attention_core_forward(x_cls, branch[:, 1:], w, 1e-6)
     auto = torch.autograd.grad(z, [x_cls, branch, w], dz)
     with torch.no_grad():
-        dx_cls, dx_tokens, dw = torch_impl.cross_attention_core_backward(
-            x_cls, branch[:, 1:], w, z, lse, mean, rstd, dz)
+        dx_cls, dx_tokens, dw = torch_backend.cross_attention_core_backward(x_cls, branch[:, 1:], w, z, lse, dz, 1e-6)
     assert_close(dx_cls, auto[0], name="dx_cls", atol=1e-12, rtol=1e-10)
     assert_close(dx_tokens, auto[1][:, 1:], name="dx_tokens", atol=1e-12, rtol=1e-10)
     assert_close(dw, auto[2], name="dw", atol=1e-12, rtol=1e-10)
@@ -115,15 +115,14 @@ def test_torch_core_backward_matches_autograd_of_core_forward():
 def test_core_backward_single_token_gives_exactly_zero_dw(backend, dtype):
     """No patch tokens: the CLS attends to itself alone, p = 1 whatever the scores, so the absorbed
     query's gradient is exactly zero, as the textbook softmax gives it (not a rounding residue)."""
-    from crossvit_kernels import backends
-    mod = backends.backend_module(backend)
+    mod = get_backend(backend)
     gen = torch.Generator().manual_seed(5)
     x_cls = torch.randn(3, 45, generator=gen).to(dtype)
     x_tokens = torch.randn(3, 0, 45, generator=gen).to(dtype)
     w = torch.randn(3, 5, 45, generator=gen) * 0.2
     dz = torch.randn(3, 5, 45, generator=gen)
-    z, lse, mean, rstd = mod.cross_attention_core_forward(x_cls, x_tokens, w, 1e-6)
-    dx_cls, _, dw = mod.cross_attention_core_backward(x_cls, x_tokens, w, z, lse, mean, rstd, dz)
+    z, lse = mod.cross_attention_core_forward(x_cls, x_tokens, w, 1e-6)
+    dx_cls, _, dw = mod.cross_attention_core_backward(x_cls, x_tokens, w, z, lse, dz, 1e-6)
     assert torch.count_nonzero(dw) == 0, f"max |dw| = {float(dw.abs().max()):.3g}"
     assert torch.isfinite(dx_cls.float()).all()
 
@@ -157,10 +156,9 @@ def test_cross_attention_torch_compile_fullgraph():
 
 
 def test_custom_ops_pass_torch_library_opcheck():
-    inp = cross_attention_inputs(2, 5, 12, 3, torch.float32, requires_grad=False)
-    w = torch.randn(2, 3, 12)
-    torch.library.opcheck(torch.ops.crossvit_kernels.cross_attention_core.default,
-                          (inp["x_cls"], inp["x_tokens"], w, 1e-6, "torch"))
+    inp = cross_attention_inputs(2, 5, 12, 3, torch.float32)
+    torch.library.opcheck(torch.ops.crossvit_kernels.cross_attention.default,
+                          tuple(inp[k] for k in XATTN_NAMES) + (3, 1e-6, True, "torch"))
     images = torch.randn(2, 3, 8, 12)
     weight = torch.randn(5, 3, 4, 4, requires_grad=True)
     torch.library.opcheck(torch.ops.crossvit_kernels.patch_embed.default,
@@ -253,7 +251,6 @@ def test_patch_embed_accepts_flat_pos_and_cls():
 # torch.autocast: mixed dtypes are promoted, the fused math runs with autocast off
 # ---------------------------------------------------------------------------------------------
 
-XATTN_NAMES = ("x_cls", "x_tokens", "norm_weight", "norm_bias", "wq", "bq", "wk", "bk", "wv", "bv", "wo", "bo")
 AUTOCAST_BACKENDS = ["torch", "reference"] + (["cpp"] if __import__("crossvit_kernels").available_backends()
                                                .get("cpp") is True else [])
 

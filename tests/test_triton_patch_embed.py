@@ -1,4 +1,4 @@
-"""Backend "triton" of patch_embed (crossvit_kernels/triton/patch_embed.py).
+"""Backend "triton" of patch_embed (crossvit_kernels/backends/triton/patch_embed.py).
 
 Without a GPU the kernels run under the Triton interpreter (conftest sets TRITON_INTERPRET=1) on
 CPU tensors; with one, the same tests run on CUDA tensors. A compile-only check lowers every
@@ -29,11 +29,12 @@ GRADS = ("images", "weight", "bias", "pos_embed", "cls_token")
 
 
 def _tpe():
-    return importlib.import_module("crossvit_kernels.triton.patch_embed")
+    return importlib.import_module("crossvit_kernels.backends.triton.patch_embed")
 
 
 def _torch_impl():
-    return importlib.import_module("crossvit_kernels.impl.torch_impl")
+    from crossvit_kernels.backends import get_backend
+    return get_backend("torch")
 
 
 def make_inputs(B, Cin, H, W, C, ph, pw=None, dtype=torch.float32, device=DEVICE, bias=True,
@@ -176,7 +177,7 @@ def _compare_direct(t, got_out, got_grads, dtype):
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("layout", ("contiguous", "channels_last", "strided"))
-def test_direct_matches_torch_impl(layout, dtype, poisoned_allocations):
+def test_direct_matches_torch_backend(layout, dtype, poisoned_allocations):
     t = make_inputs(2, 3, 30, 20, 36, 10, dtype=dtype, layout=layout, requires_grad=False, seed=3)
     out, grads = _direct(_tpe(), t)
     _compare_direct(t, out, grads, dtype)
@@ -243,8 +244,9 @@ def test_deterministic_with_split_reduction(dtype):
 def test_torch_compile_fullgraph(monkeypatch):
     """torch.compile(fullgraph=True) traces a function using the op with no graph break, and the
     compiled forward and backward run the Triton kernels."""
-    import crossvit_kernels.triton as triton_backend
+    from crossvit_kernels.backends import get_backend
     from crossvit_kernels.ops.patch_embed import patch_embed
+    triton_backend = get_backend("triton")
     calls = {"fwd": 0, "bwd": 0}
     fwd, bwd = triton_backend.patch_embed_forward, triton_backend.patch_embed_backward
 

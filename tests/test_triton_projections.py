@@ -1,8 +1,8 @@
-"""The triton backend's inference forward with fused projections (crossvit_kernels/triton/projections.py).
+"""The triton backend's forward with fused projections (crossvit_kernels/backends/triton/projections.py).
 
-When no input needs a gradient, ``ops.cross_attention(..., backend="triton")`` runs the query
-projection, the core, the value projection and the output projection + residual as four or five
-kernels. These tests check that path against the float64 oracle with the flash-attention
+``ops.cross_attention(..., backend="triton")`` runs the query projection, the core, the value
+projection and the output projection + residual as four or five kernels, with or without
+gradients. These tests check that path against the float64 oracle with the flash-attention
 criterion (tests/helpers.py), that it is taken exactly when it should be, that every output
 element is written, and (compile-only) that its kernels build for sm_90.
 """
@@ -25,7 +25,7 @@ DEVICE = "cuda" if HAS_GPU else "cpu"
 
 
 def _projections():
-    from crossvit_kernels.triton import projections as P
+    from crossvit_kernels.backends.triton import projections as P
     return P
 
 
@@ -33,7 +33,7 @@ def _projections():
 def spy(monkeypatch):
     """Counts calls of the fused forward and NaN-fills every buffer the launchers allocate."""
     P = _projections()
-    from crossvit_kernels.triton import cross_attention as K
+    from crossvit_kernels.backends.triton import cross_attention as K
     calls = []
     real_fused, real_empty = P.cross_attention_forward_fused, K._empty
 
@@ -92,7 +92,7 @@ def test_fused_inference_optional_parameters(spy, bias, affine):
 
 def test_fused_inference_strided_cls_and_no_residual(spy):
     """x_cls as the CLS row of a branch (a strided view), and the op without its residual (what the
-    module calls when drop-path is active) against the general path's delta."""
+    module calls when drop-path is active) against the delta of the PyTorch projections."""
     from crossvit_kernels.ops.cross_attention import _cross_attention
     inputs = cross_attention_inputs(3, 20, 48, 4, device=DEVICE, requires_grad=False)
     branch = inputs["branch"]
@@ -104,34 +104,39 @@ def test_fused_inference_strided_cls_and_no_residual(spy):
         out = _cross_attention(x_cls, branch[:, 1:], *params, 4, 1e-6, "triton", residual=True)
         delta = _cross_attention(x_cls, branch[:, 1:], *params, 4, 1e-6, "triton", residual=False)
     assert len(spy) == 2
-    with torch.enable_grad():   # the general path (autograd recorded, PyTorch projections)
-        w = inputs["wq"].detach().clone().requires_grad_(True)
-        general = _cross_attention(x_cls, branch[:, 1:], params[0], params[1], w, *params[3:], 4, 1e-6, "triton",
-                                   residual=False)
+    with torch.no_grad(), _fused_projections_off():   # the inherited PyTorch projections
+        general = _cross_attention(x_cls, branch[:, 1:], *params, 4, 1e-6, "triton", residual=False)
     assert len(spy) == 2
     assert_close(delta, general.detach(), atol=2e-6, rtol=1e-5, name="delta")
     assert_close(out, x_cls + delta, atol=2e-6, rtol=1e-6, name="out")
 
 
-def test_fused_path_only_without_gradients(spy):
-    """Autograd needs the intermediate projections: a leaf that requires a gradient keeps the
-    general path, and so does the environment switch; both agree with the fused forward."""
-    P = _projections()
+class _fused_projections_off:
+    def __enter__(self):
+        os.environ[_projections().FUSED_ENV] = "0"
+
+    def __exit__(self, *exc):
+        del os.environ[_projections().FUSED_ENV]
+
+
+def test_fused_forward_with_and_without_gradients(spy):
+    """Training and inference run the same fused forward (it also writes what the backward needs),
+    and its gradients equal those of the inherited PyTorch projections; the environment switch
+    turns it off."""
     inputs = cross_attention_inputs(2, 12, 32, 2, device=DEVICE, requires_grad=True)
-    out_grad, _ = run_cross_attention(inputs, "triton")
-    assert spy == []
+    g = torch.randn(2, 32, dtype=torch.float64, device=DEVICE)
+    out_grad, grads = run_cross_attention(inputs, "triton", g)
+    assert len(spy) == 1
     with torch.no_grad():
         out_fused, _ = run_cross_attention(inputs, "triton")
-    assert len(spy) == 1
-    os.environ[P.FUSED_ENV] = "0"
-    try:
-        with torch.no_grad():
-            out_off, _ = run_cross_attention(inputs, "triton")
-    finally:
-        del os.environ[P.FUSED_ENV]
-    assert len(spy) == 1
-    assert_close(out_fused, out_grad.detach(), atol=2e-6, rtol=1e-5, name="fused vs general")
-    assert_close(out_off, out_grad.detach(), atol=0, rtol=0, name="switched off vs general")
+    assert len(spy) == 2
+    with _fused_projections_off():
+        out_off, grads_off = run_cross_attention(inputs, "triton", g)
+    assert len(spy) == 2
+    assert torch.equal(out_fused, out_grad.detach())
+    assert_close(out_fused, out_off.detach(), atol=2e-6, rtol=1e-5, name="fused vs PyTorch projections")
+    for name, gr in grads_off.items():
+        assert_close(grads[name], gr, atol=2e-6 * max(1.0, float(gr.abs().max())), rtol=1e-5, name=f"d {name}")
 
 
 def test_other_backends_and_float64_never_fused(spy):
@@ -167,7 +172,7 @@ def test_projection_kernels_compile_for_sm90(install):
             "sys.path.insert(0, sys.argv[2])\n"
             "from helpers import check_triton_version\n"
             "version = check_triton_version()\n"
-            "from crossvit_kernels.triton.projections import compile_for_gpu_target as f\n"
+            "from sm90 import compile_projection_kernel as f\n"
             "print('RESULT' + json.dumps([dict(f(*spec), triton=version) for spec in json.loads(sys.argv[1])]))\n")
     proc = subprocess.run([sys.executable, "-c", code, json.dumps(COMPILE_SPECS), os.path.dirname(__file__)],
                           env=compile_env(install[1]), capture_output=True, text=True, timeout=600)

@@ -70,7 +70,7 @@ class MultiScaleBlock(Fusion):
 
     def forward(self, x: List[Tensor]) -> List[Tensor]:
         outs = [blk(x[i]) for i, blk in enumerate(self.blocks)] if len(self.blocks) else list(x)
-        return Fusion.forward(self, outs, reuse_inputs=len(self.blocks) == self.num_branches)
+        return self.forward_fusion(outs)
 
 
 class CrossViT(nn.Module):

@@ -30,7 +30,7 @@ there), as in the paper's cross-attention formulation and timm's implementation.
     o   = Block(y)                                one full transformer layer (self-attention + MLP,
                                                   pre-norm, residuals) over all 2 + P0 + P1 tokens
     x^0 <- g^0(o[:, :1 + P0]);  x^1 <- o[:, 1 + P0:]
-  with ``fusion`` an ``AllAttentionBlock`` (``norm1``, ``attn.qkv``, ``attn.proj``, ``norm2``, ``mlp``;
+  with ``fusion`` a transformer ``Block`` (``norm1``, ``attn.qkv``, ``attn.proj``, ``norm2``, ``mlp``;
   branch 1's heads and MLP ratio). Quadratic in the total number of tokens: by far the most expensive.
 
 ``none``: no fusion; the branches only meet at the head (their logits are averaged).
@@ -61,9 +61,6 @@ def projection(dim_in: int, dim_out: int, norm_layer, act_layer, dd) -> nn.Seque
     return nn.Sequential(norm_layer(dim_in, **dd), act_layer(), nn.Linear(dim_in, dim_out, **dd))
 
 
-class AllAttentionBlock(Block):
-    """The all-attention fusion's transformer layer over all tokens of both branches:
-    o = y + MSA(LN(y)); o = o + MLP(LN(o)) (timm's ``Block`` parameter names)."""
 
 def resample_tokens(p: Tensor, src_grid: Tuple[int, int], dst_grid: Tuple[int, int]) -> Tensor:
     """(B, Hs*Ws, C) patch tokens on src_grid -> (B, Hd*Wd, C) on dst_grid, bilinear."""
@@ -82,13 +79,6 @@ class Fusion(nn.Module):
     ``revert_projs``) so that timm checkpoints load into ``MultiScaleBlock`` unchanged.
     """
 
-    def __init__(self, fusion: str, dim: Sequence[int], num_heads: Sequence[int], grids: Sequence[Tuple[int, int]],
-                 fusion_depth: int, mlp_ratio: Sequence[float], qkv_bias: bool, proj_drop: float,
-                 attn_drop: float, drop_path: float, act_layer: Type[nn.Module], norm_layer, dd):
-        super().__init__()
-        self._build_fusion(fusion, dim, num_heads, grids, fusion_depth, mlp_ratio, qkv_bias, proj_drop, attn_drop,
-                           drop_path, act_layer, norm_layer, dd)
-
     def _build_fusion(self, fusion, dim, num_heads, grids, fusion_depth, mlp_ratio, qkv_bias, proj_drop, attn_drop,
                       drop_path, act_layer, norm_layer, dd):
         self.kind = check_fusion(fusion)
@@ -101,7 +91,7 @@ class Fusion(nn.Module):
             raise ValueError(f"fusion {self.kind!r} is defined for two branches, got {nb}")
         if self.kind == "all_attention":
             self.projs = nn.ModuleList([projection(dim[0], dim[1], norm_layer, act_layer, dd)])
-            self.fusion = AllAttentionBlock(dim[1], num_heads[1], mlp_ratio=mlp_ratio[1], qkv_bias=qkv_bias,
+            self.fusion = Block(dim[1], num_heads[1], mlp_ratio=mlp_ratio[1], qkv_bias=qkv_bias,
                                             proj_drop=proj_drop, attn_drop=attn_drop, drop_path=drop_path,
                                             act_layer=act_layer, norm_layer=norm_layer, **dd)
             self.revert_projs = nn.ModuleList([projection(dim[1], dim[0], norm_layer, act_layer, dd)])
@@ -125,21 +115,13 @@ class Fusion(nn.Module):
         self.revert_projs = nn.ModuleList([projection(dim[(d + 1) % nb], dim[d], norm_layer, act_layer, dd)
                                            for d in range(nb)])
 
-    def _cross(self, i: int, q: Tensor, tokens: Tensor) -> Tensor:
-        return cross_attend(self.fusion[i], q, tokens)
-
-    def forward(self, xs: List[Tensor], reuse_inputs: bool = False) -> List[Tensor]:
-        """Fuse the branches' token sequences ``xs`` (each (B, 1 + N_i, C_i)); returns new ones.
-
-        ``reuse_inputs=True`` tells the fusion that the caller owns the tensors of ``xs`` and will
-        not read them again (they are its own temporaries, e.g. the encoders' outputs): when no
-        gradient is being recorded, the cross-attention scheme then writes the new CLS tokens into
-        row 0 of those tensors instead of copying every patch token into new ones.
-        """
+    def forward_fusion(self, xs: List[Tensor]) -> List[Tensor]:
+        """Fuse the branches' token sequences ``xs`` (each (B, 1 + N_i, C_i)); returns new ones
+        (``xs`` is never written to)."""
         if self.kind == "none":
             return list(xs)
         if self.kind == "cross_attention":
-            return fuse_cross_attention(self.projs, self.fusion, self.revert_projs, xs, reuse_inputs)
+            return fuse_cross_attention(self.projs, self.fusion, self.revert_projs, xs)
         if self.kind == "all_attention":
             n0 = xs[0].shape[1]
             y = torch.cat([self.projs[0](xs[0]), xs[1]], dim=1)
@@ -161,7 +143,7 @@ class Fusion(nn.Module):
 
 
 # ---------------------------------------------------------------------------------------------
-# The cross-attention fusion without needless copies
+# The cross-attention fusion on the fused single-query op
 # ---------------------------------------------------------------------------------------------
 
 def cross_attend(blocks: nn.Module, q: Tensor, tokens: Tensor) -> Tensor:
@@ -181,7 +163,7 @@ def cross_attend(blocks: nn.Module, q: Tensor, tokens: Tensor) -> Tensor:
 
 
 def fuse_cross_attention(projs: Sequence[nn.Module], fusion: Sequence[nn.Module], revert_projs: Sequence[nn.Module],
-                         xs: List[Tensor], reuse_inputs: bool = False) -> List[Tensor]:
+                         xs: List[Tensor]) -> List[Tensor]:
     """The paper's cross-attention fusion of two or more branches (timm's ``MultiScaleBlock``
     fusion, same parameters) on the fused single-query op:
 
@@ -191,12 +173,8 @@ def fuse_cross_attention(projs: Sequence[nn.Module], fusion: Sequence[nn.Module]
         out_i  = [revert_projs[i](c_i) ; xs[i][:, 1:]]        (B, 1 + N_i, C_i)
 
     with j = (i + 1) mod (number of branches). The patch tokens of the output are those of the
-    input. When gradients are recorded (training) the output is a new tensor (``torch.cat``): the
-    input's patch tokens are saved for the backward of the other branch's cross-attention, so
-    they must not be written to. When none are recorded and ``reuse_inputs`` is set (the caller
-    owns ``xs`` and drops them), the new CLS rows are written into row 0 of ``xs`` and the patch
-    tokens are not copied at all (measured: about 0.08 ms per branch and block saved on the CPU
-    at batch 16; never slower).
+    input, copied into a new tensor: ``xs`` (the encoders' outputs, which hooks and feature
+    extractors may hold) is never written to.
     """
     nb = len(xs)
     new_cls = []
@@ -204,11 +182,4 @@ def fuse_cross_attention(projs: Sequence[nn.Module], fusion: Sequence[nn.Module]
         j = (i + 1) % nb
         q = projs[i](xs[i][:, 0])
         new_cls.append(revert_projs[i](cross_attend(fusion[i], q, xs[j][:, 1:])))
-    in_place = reuse_inputs and not (torch.is_grad_enabled()
-                                     and (any(x.requires_grad for x in xs) or any(c.requires_grad for c in new_cls)))
-    if in_place:
-        # every read of xs is done: overwrite the old CLS rows
-        for x, c in zip(xs, new_cls):
-            x[:, 0] = c
-        return list(xs)
     return [torch.cat([c.unsqueeze(1), x[:, 1:]], dim=1) for x, c in zip(xs, new_cls)]

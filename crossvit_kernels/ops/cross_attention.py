@@ -1,18 +1,27 @@
-"""Single-query cross-attention: CrossViT's whole CrossAttentionBlock as one op."""
+"""Single-query cross-attention: CrossViT's whole CrossAttentionBlock as one op.
+
+The op's one home: its public entry and argument checks, its ``torch.library`` registration
+(``crossvit_kernels::cross_attention`` and ``crossvit_kernels::cross_attention_backward``) with
+fake implementations and the autograd formula, and the eager fast path. The backend resolved at
+the entry runs the whole op through the contract of :mod:`crossvit_kernels.backends.base`, by the
+same methods in eager mode, under ``torch.compile`` and under ``torch.export``.
+"""
 from __future__ import annotations
 
-from typing import Optional
+from typing import List, Optional, Sequence, Tuple
 
 import torch
-import torch.nn.functional as F
 
 from .. import backends as _backends
-from . import _library  # registers the torch.library ops
-from ._checks import FLOAT_DTYPES, autocast_device, check_backend_arg, check_same, check_tensor, promote_floats
+from ..backends.base import FLOAT_DTYPES, acc_dtype
+from ..backends.reference import ReferenceBackend
+from ._common import autocast_device, check_backend_arg, check_same, check_tensor, plain_eager, promote_floats
 
 Tensor = torch.Tensor
 
 __all__ = ["cross_attention"]
+
+_PARAMS = ("x_cls", "x_tokens", "norm_weight", "norm_bias", "wq", "bq", "wk", "bk", "wv", "bv", "wo", "bo")
 
 
 def cross_attention(
@@ -36,7 +45,7 @@ def cross_attention(
     the other branch's patch tokens; returns the new CLS token.
 
     Args:
-        x_cls: (B, C) the query CLS token.
+        x_cls: (B, C) the query CLS token (B >= 0).
         x_tokens: (B, M, C) the patch tokens it attends to (M >= 0); may be a strided view such as
             ``branch[:, 1:]`` (it is never copied or concatenated on the fused backends).
         norm_weight, norm_bias: (C,) LayerNorm affine parameters (``norm1``), or None.
@@ -63,17 +72,63 @@ def cross_attention(
         out = x_cls + F.linear((a @ v).transpose(1, 2).reshape(B, C), wo, bo)
 
     The fused backends never form K, V or the concatenation: the key projection is absorbed into
-    the query and the value projection applied after the weighted sum (DESIGN.md section 2), so
-    the key bias cannot change the output; it still receives its (exactly zero) gradient.
+    the query and the value projection applied after the weighted sum (docs/design.md, section
+    2), so the key bias cannot change the output; it still receives its (exactly zero) gradient.
+    Under ONNX export the op is traced as that absorbed formulation in standard operators.
     """
     return _cross_attention(x_cls, x_tokens, norm_weight, norm_bias, wq, bq, wk, bk, wv, bv, wo, bo,
                             num_heads, eps, backend, residual=True)
 
 
+def _cross_attention(x_cls, x_tokens, norm_weight, norm_bias, wq, bq, wk, bk, wv, bv, wo, bo, num_heads, eps,
+                     backend, residual: bool, attn_drop: float = 0.0, training: bool = False) -> Tensor:
+    """The op, optionally without the residual (the module's form when drop-path is active) and
+    with attention dropout (which only the textbook form can apply)."""
+    dropout = attn_drop > 0.0 and training
+    ac = autocast_device(x_cls)
+    if ac is not None:
+        # torch.autocast hands a CrossViT fusion mixed dtypes (a bfloat16 CLS from autocast's
+        # projection, the float32 residual stream, float32 parameters): promote them to the widest.
+        # The fused math then runs in that dtype with autocast off (its float32 projections are
+        # part of its accuracy); "reference" and attention dropout keep autocast, as timm's block.
+        (x_cls, x_tokens, norm_weight, norm_bias, wq, bq, wk, bk, wv, bv, wo, bo) = promote_floats(
+            x_cls, x_tokens, norm_weight, norm_bias, wq, bq, wk, bk, wv, bv, wo, bo)
+        name = backend if backend is not None else _backends.get_default_backend()
+        if name != "reference" and not dropout:
+            with torch.autocast(ac, enabled=False):
+                return _cross_attention(x_cls, x_tokens, norm_weight, norm_bias, wq, bq, wk, bk, wv, bv, wo, bo,
+                                        num_heads, eps, backend, residual, attn_drop, training)
+    _validate(x_cls, x_tokens, norm_weight, norm_bias, wq, bq, wk, bk, wv, bv, wo, bo, num_heads, eps, backend)
+    name = _backends.check_name(backend if backend is not None else _backends.get_default_backend())
+    eps = float(eps)
+    if name == "reference" or dropout or x_cls.shape[0] == 0:
+        # an empty batch has nothing to fuse: the textbook form gives the empty result and its graph
+        return ReferenceBackend.cross_attention(x_cls, x_tokens, norm_weight, norm_bias, wq, bq, wk, bk, wv, bv, wo,
+                                                bo, num_heads, eps, residual, attn_drop if training else 0.0)
+    if torch.onnx.is_in_onnx_export():
+        # the absorbed formulation in standard operators: no custom op in the exported graph
+        return _backends.get_backend("torch").cross_attention_forward(
+            x_cls, x_tokens, norm_weight, norm_bias, wq, bq, wk, wv, bv, wo, bo, num_heads, eps, residual)[0]
+    name = _backends.resolve_backend("cross_attention", name, x_cls.device, x_cls.dtype)
+    args = (x_cls, x_tokens, norm_weight, norm_bias, wq, bq, wk, bk, wv, bv, wo, bo)
+    if not plain_eager(args):
+        return torch.ops.crossvit_kernels.cross_attention(*args, num_heads, eps, residual, name)[0]
+    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in args):
+        return CrossAttentionFunction.apply(*args, num_heads, eps, residual, name)[0]
+    with torch.no_grad():  # the torch backend must not record a graph
+        return _backends.get_backend(name).cross_attention_forward(
+            x_cls, x_tokens, norm_weight, norm_bias, wq, bq, wk, wv, bv, wo, bo, num_heads, eps, residual)[0]
+
+
+# ---------------------------------------------------------------------------------------------
+# argument checks
+# ---------------------------------------------------------------------------------------------
+
 def _validate(x_cls, x_tokens, norm_weight, norm_bias, wq, bq, wk, bk, wv, bv, wo, bo, num_heads, eps, backend):
-    if _valid_fast(x_cls, x_tokens, norm_weight, norm_bias, wq, bq, wk, bk, wv, bv, wo, bo, num_heads, eps, backend):
-        return
-    _validate_full(x_cls, x_tokens, norm_weight, norm_bias, wq, bq, wk, bk, wv, bv, wo, bo, num_heads, eps, backend)
+    if not _valid_fast(x_cls, x_tokens, norm_weight, norm_bias, wq, bq, wk, bk, wv, bv, wo, bo, num_heads, eps,
+                       backend):
+        _validate_full(x_cls, x_tokens, norm_weight, norm_bias, wq, bq, wk, bk, wv, bv, wo, bo, num_heads, eps,
+                       backend)
 
 
 def _valid_fast(x_cls, x_tokens, norm_weight, norm_bias, wq, bq, wk, bk, wv, bv, wo, bo, num_heads, eps, backend):
@@ -88,7 +143,7 @@ def _valid_fast(x_cls, x_tokens, norm_weight, norm_bias, wq, bq, wk, bk, wv, bv,
             and x_tokens.dim() == 3 and x_cls.dtype in FLOAT_DTYPES):
         return False
     B, C = x_cls.shape
-    if B == 0 or C == 0 or x_tokens.shape[0] != B or x_tokens.shape[2] != C:
+    if C == 0 or x_tokens.shape[0] != B or x_tokens.shape[2] != C:
         return False
     if type(num_heads) is not int or num_heads <= 0 or C % num_heads:
         return False
@@ -117,8 +172,8 @@ def _validate_full(x_cls, x_tokens, norm_weight, norm_bias, wq, bq, wk, bk, wv, 
         raise ValueError(f"batch sizes disagree: x_cls has {B} rows but x_tokens has {x_tokens.shape[0]}")
     if x_tokens.shape[2] != C:
         raise ValueError(f"widths disagree: x_cls has C={C} but x_tokens has C={x_tokens.shape[2]}")
-    if C == 0 or B == 0:
-        raise ValueError(f"empty input: x_cls has shape {tuple(x_cls.shape)}; need B >= 1 and C >= 1")
+    if C == 0:
+        raise ValueError(f"empty width: x_cls has shape {tuple(x_cls.shape)}; need C >= 1")
     for name, t in (("norm_weight", norm_weight), ("norm_bias", norm_bias), ("bq", bq), ("bk", bk),
                     ("bv", bv), ("bo", bo)):
         check_tensor(name, t, shape=(C,), optional=True)
@@ -135,116 +190,91 @@ def _validate_full(x_cls, x_tokens, norm_weight, norm_bias, wq, bq, wk, bk, wv, 
     check_backend_arg(backend)
 
 
-def _cross_attention(x_cls, x_tokens, norm_weight, norm_bias, wq, bq, wk, bk, wv, bv, wo, bo, num_heads, eps,
-                     backend, residual: bool, attn_drop: float = 0.0, training: bool = False) -> Tensor:
-    """The op, optionally without the residual (used by the module when drop-path is active)."""
-    ac = autocast_device(x_cls)
-    if ac is not None:
-        # torch.autocast hands a CrossViT fusion mixed dtypes (a bfloat16 CLS from autocast's
-        # projection, the float32 residual stream, float32 parameters): promote them to the widest.
-        # The fused math then runs in that dtype with autocast off (its float32 projections are
-        # part of its accuracy); "reference" and attention dropout keep autocast, as timm's block.
-        (x_cls, x_tokens, norm_weight, norm_bias, wq, bq, wk, bk, wv, bv, wo, bo) = promote_floats(
-            x_cls, x_tokens, norm_weight, norm_bias, wq, bq, wk, bk, wv, bv, wo, bo)
-        name = backend if backend is not None else _backends.get_default_backend()
-        if name != "reference" and not (attn_drop > 0.0 and training):
-            with torch.autocast(ac, enabled=False):
-                return _cross_attention(x_cls, x_tokens, norm_weight, norm_bias, wq, bq, wk, bk, wv, bv, wo, bo,
-                                        num_heads, eps, backend, residual, attn_drop, training)
-    _validate(x_cls, x_tokens, norm_weight, norm_bias, wq, bq, wk, bk, wv, bv, wo, bo, num_heads, eps, backend)
-    name = backend if backend is not None else _backends.get_default_backend()
-    name = _backends._check_name(name)
-    if name != "reference" and not (attn_drop > 0.0 and training):
-        out = _fused_triton_inference(x_cls, x_tokens, norm_weight, norm_bias, wq, bq, wk, bk, wv, bv, wo, bo,
-                                      num_heads, float(eps), name, residual)
-        if out is not None:
-            return out
-    if name == "reference" or (attn_drop > 0.0 and training):
-        # attention dropout needs the probabilities of every token: only the textbook form has them
-        delta = _reference_delta(x_cls, x_tokens, norm_weight, norm_bias, wq, bq, wk, bk, wv, bv, wo, bo,
-                                 num_heads, float(eps), attn_drop if training else 0.0)
-    else:
-        delta = _absorbed_delta(x_cls, x_tokens, norm_weight, norm_bias, wq, bq, wk, bk, wv, bv, wo, bo,
-                                num_heads, float(eps), name)
-    return x_cls + delta if residual else delta
+# ---------------------------------------------------------------------------------------------
+# torch.library registration: the op, its backward, their fake implementations, the autograd
+# ---------------------------------------------------------------------------------------------
+
+@torch.library.custom_op("crossvit_kernels::cross_attention", mutates_args=())
+def _cross_attention_op(x_cls: Tensor, x_tokens: Tensor, norm_weight: Optional[Tensor], norm_bias: Optional[Tensor],
+                        wq: Tensor, bq: Optional[Tensor], wk: Tensor, bk: Optional[Tensor], wv: Tensor,
+                        bv: Optional[Tensor], wo: Tensor, bo: Optional[Tensor], num_heads: int, eps: float,
+                        residual: bool, backend: str) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """-> (out, q, w, z, lse, o): the whole-op forward of crossvit_kernels.backends.base."""
+    return tuple(_backends.get_backend(backend).cross_attention_forward(
+        x_cls, x_tokens, norm_weight, norm_bias, wq, bq, wk, wv, bv, wo, bo, num_heads, eps, residual))
 
 
-def _fused_triton_inference(x_cls, x_tokens, norm_weight, norm_bias, wq, bq, wk, bk, wv, bv, wo, bo, H, eps,
-                            name, residual) -> Optional[Tensor]:
-    """The triton backend's forward in four or five kernels (its projections fused, see
-    crossvit_kernels/triton/projections.py) when no input needs a gradient, in plain eager mode;
-    None where the general path must run (autograd, a tracer or compiler watching, float64,
-    another backend)."""
-    if not (x_cls.is_cuda or name == "triton"):  # "auto" picks triton for CUDA tensors only
-        return None
-    tensors = [t for t in (x_cls, x_tokens, norm_weight, norm_bias, wq, bq, wk, bk, wv, bv, wo, bo) if t is not None]
-    if torch.is_grad_enabled() and any(t.requires_grad for t in tensors):
-        return None
-    if x_cls.dtype not in (torch.float16, torch.bfloat16, torch.float32) or not _library._plain_eager(*tensors):
-        return None
-    if _backends.resolve_backend("cross_attention", name, x_cls.device, x_cls.dtype) != "triton":
-        return None
-    from ..triton import projections  # importable: the triton backend resolved
-    if not projections.fused_projections_enabled():
-        return None
-    return projections.cross_attention_forward_fused(x_cls, x_tokens, norm_weight, norm_bias, wq, bq, wk, wv, bv,
-                                                     wo, bo, H, eps, residual=residual)
-
-
-def _reference_delta(x_cls, x_tokens, norm_weight, norm_bias, wq, bq, wk, bk, wv, bv, wo, bo, H, eps, attn_drop):
+@_cross_attention_op.register_fake
+def _(x_cls, x_tokens, norm_weight, norm_bias, wq, bq, wk, bk, wv, bv, wo, bo, num_heads, eps, residual, backend):
     B, C = x_cls.shape
-    x = torch.cat([x_cls.unsqueeze(1), x_tokens], dim=1)
-    N = x.shape[1]
-    x = F.layer_norm(x, (C,), norm_weight, norm_bias, eps)
-    q = F.linear(x[:, 0:1], wq, bq).reshape(B, 1, H, C // H).permute(0, 2, 1, 3)
-    k = F.linear(x, wk, bk).reshape(B, N, H, C // H).permute(0, 2, 1, 3)
-    v = F.linear(x, wv, bv).reshape(B, N, H, C // H).permute(0, 2, 1, 3)
-    attn = (q @ k.transpose(-2, -1)) * (C // H) ** -0.5
-    attn = attn.softmax(dim=-1)
-    if attn_drop > 0:
-        attn = F.dropout(attn, attn_drop, training=True)
-    o = (attn @ v).transpose(1, 2).reshape(B, 1, C)
-    return F.linear(o, wo, bo).reshape(B, C)
+    acc = acc_dtype(x_cls.dtype)
+    out = x_cls.new_empty((B, C))
+    q, o = x_cls.new_empty((B, C), dtype=acc), x_cls.new_empty((B, C), dtype=acc)
+    w, z = x_cls.new_empty((B, num_heads, C), dtype=acc), x_cls.new_empty((B, num_heads, C), dtype=acc)
+    return out, q, w, z, x_cls.new_empty((B, num_heads), dtype=acc), o
 
 
-def _absorbed_delta(x_cls, x_tokens, norm_weight, norm_bias, wq, bq, wk, bk, wv, bv, wo, bo, H, eps, backend):
-    # Host-bound at CrossViT's sizes (every GEMM here has B rows): each line is the fewest eager
-    # ops, and so the fewest autograd nodes, that compute it. Per-head products are bmm over views
-    # (torch.einsum costs several times a bmm in Python and adds permute/view nodes), bias adds and
-    # scales are folded into baddbmm / addcmul / one (C,) vector, and nothing is cast when the
-    # dtype is already the accumulation dtype.
-    B, C = x_cls.shape
-    d = C // H
-    dtype = x_cls.dtype
-    acc = torch.float64 if dtype == torch.float64 else torch.float32
-    x0 = x_cls
-    if dtype != acc:  # the O(C^2) projections run in float32 around the core (a few GEMMs of B rows)
-        x0, norm_weight, norm_bias, wq, bq, wk, bv, wv, wo, bo = (
-            None if t is None else t.to(acc)
-            for t in (x_cls, norm_weight, norm_bias, wq, bq, wk, bv, wv, wo, bo))
-    gamma, beta = norm_weight, norm_bias
-    y0 = F.layer_norm(x0, (C,), gamma, beta, eps)                                        # (B, C)
-    q = F.linear(y0, wq, bq)                                                             # (B, C)
-    # key absorbed, per head: (H, B, d) @ (H, d, C) -> (H, B, C), seen as (B, H, C)
-    u = torch.bmm(q.view(B, H, d).transpose(0, 1), wk.reshape(H, d, C)).transpose(0, 1)
-    scale = gamma * d ** -0.5 if gamma is not None else None                             # gamma folded
-    if bk is not None and bk.requires_grad and torch.is_grad_enabled():
-        # The key bias shifts every score of a head by the same amount: softmax ignores it. Tie it
-        # to the graph with an exact zero so that it gets the zero gradient timm gives it (an
-        # optimizer with weight decay treats "no gradient" and "zero gradient" differently).
-        if scale is None:
-            scale = torch.full((C,), d ** -0.5, dtype=acc, device=x_cls.device)
-        scale = torch.add(scale, bk, alpha=0)
-    w = u * scale if scale is not None else u * d ** -0.5                                # (B, H, C)
-    z, _, _, _ = _library.run_cross_attention_core(x_cls, x_tokens, w, eps, backend)
-    if gamma is not None and beta is not None:
-        z = torch.addcmul(beta, z, gamma)
-    elif gamma is not None:
-        z = z * gamma
-    elif beta is not None:
-        z = z + beta
-    # value applied after, per head: (H, B, C) @ (H, C, d) -> (H, B, d), plus the value bias
-    zt, wvt = z.transpose(0, 1), wv.reshape(H, d, C).transpose(1, 2)
-    o = torch.baddbmm(bv.reshape(H, 1, d), zt, wvt) if bv is not None else torch.bmm(zt, wvt)
-    out = F.linear(o.transpose(0, 1).reshape(B, C), wo, bo)
-    return out if dtype == acc else out.to(dtype)
+@torch.library.custom_op("crossvit_kernels::cross_attention_backward", mutates_args=())
+def _cross_attention_backward_op(grad_out: Tensor, x_cls: Tensor, x_tokens: Tensor, norm_weight: Optional[Tensor],
+                                 norm_bias: Optional[Tensor], wq: Tensor, wk: Tensor, wv: Tensor, wo: Tensor,
+                                 q: Tensor, w: Tensor, z: Tensor, lse: Tensor, o: Tensor, num_heads: int, eps: float,
+                                 residual: bool, needs: Sequence[bool], backend: str) -> List[Tensor]:
+    """The twelve gradients of the op's inputs; an empty tensor where ``needs`` is False."""
+    grads = _backends.get_backend(backend).cross_attention_backward(
+        grad_out, x_cls, x_tokens, norm_weight, norm_bias, wq, wk, wv, wo, q, w, z, lse, o, num_heads, eps,
+        residual, needs)
+    return [g if g is not None else x_cls.new_empty((0,)) for g in grads]
+
+
+@_cross_attention_backward_op.register_fake
+def _(grad_out, x_cls, x_tokens, norm_weight, norm_bias, wq, wk, wv, wo, q, w, z, lse, o, num_heads, eps, residual,
+      needs, backend):
+    like = (x_cls, x_tokens, norm_weight, norm_bias, wq, wq[0], wk, wk[0], wv, wv[0], wo, wo[0])
+    return [torch.empty_like(t, memory_format=torch.contiguous_format) if n else x_cls.new_empty((0,))
+            for t, n in zip(like, needs)]
+
+
+def _setup_context(ctx, inputs, output):
+    (x_cls, x_tokens, norm_weight, norm_bias, wq, bq, wk, bk, wv, bv, wo, bo, num_heads, eps, residual,
+     backend) = inputs
+    _, q, w, z, lse, o = output
+    ctx.save_for_backward(x_cls, x_tokens, norm_weight, norm_bias, wq, wk, wv, wo, q, w, z, lse, o)
+    ctx.mark_non_differentiable(q, w, z, lse, o)  # what the backward needs, not outputs to train through
+    ctx.set_materialize_grads(False)
+    ctx.present = tuple(t is not None for t in inputs[:12])
+    ctx.num_heads, ctx.eps, ctx.residual, ctx.backend = num_heads, eps, residual, backend
+
+
+def _grads(ctx, grad_out, backward) -> tuple:
+    """The gradients of the op's sixteen inputs, given the backend's whole-op backward (through
+    the registered op, or called directly on the eager fast path)."""
+    needs = [bool(n) and p for n, p in zip(ctx.needs_input_grad[:12], ctx.present)]
+    if grad_out is None or not any(needs):
+        return (None,) * 16
+    grads = backward(grad_out, *ctx.saved_tensors, ctx.num_heads, ctx.eps, ctx.residual, needs)
+    return tuple(g if n else None for g, n in zip(grads, needs)) + (None,) * 4
+
+
+def _backward(ctx, grad_out, *unused):
+    return _grads(ctx, grad_out, lambda *a: torch.ops.crossvit_kernels.cross_attention_backward(*a, ctx.backend))
+
+
+torch.library.register_autograd("crossvit_kernels::cross_attention", _backward, setup_context=_setup_context)
+
+
+class CrossAttentionFunction(torch.autograd.Function):
+    """The registered op's autograd on the eager fast path (same setup, same backward formula),
+    without the dispatcher round trip (see :func:`crossvit_kernels.ops._common.plain_eager`)."""
+
+    @staticmethod
+    def forward(x_cls, x_tokens, norm_weight, norm_bias, wq, bq, wk, bk, wv, bv, wo, bo, num_heads, eps, residual,
+                backend):
+        return _backends.get_backend(backend).cross_attention_forward(
+            x_cls, x_tokens, norm_weight, norm_bias, wq, bq, wk, wv, bv, wo, bo, num_heads, eps, residual)
+
+    setup_context = staticmethod(_setup_context)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable  # as the op: its backward op has no autograd
+    def backward(ctx, grad_out, *unused):
+        return _grads(ctx, grad_out, _backends.get_backend(ctx.backend).cross_attention_backward)

@@ -7,7 +7,7 @@ interchangeable backends:
 ``triton``    fused Triton kernels: CUDA tensors (CPU only under TRITON_INTERPRET=1)
 ``cuda``      the compiled extension's CUDA kernels (fallback where Triton is missing)
 ``cpp``       the compiled extension's C++ CPU kernels (OpenMP)
-``torch``     the absorbed one-pass math of DESIGN.md in plain PyTorch ops
+``torch``     the absorbed one-pass math of docs/design.md in plain PyTorch ops
 ``reference`` the textbook math, exactly as timm computes it (the test oracle)
 ============  =====================================================================
 
@@ -15,24 +15,21 @@ interchangeable backends:
 available and supports the inputs: CUDA tensors -> triton, cuda, torch; CPU tensors -> cpp, torch.
 ``reference`` is never chosen automatically.
 
-Nothing here imports Triton or the compiled extension at import time: a backend module is
-imported the first time it is asked about, and a failure to import it (ImportError, OSError,
-undefined symbols) makes that backend unavailable with the reason recorded, never a crash.
+Each backend is a :class:`~crossvit_kernels.backends.base.Backend` that declares what it supports
+as data (devices, dtypes per op, the reason for what it leaves out); :func:`supports` and
+:func:`explain_dispatch` read that data. Nothing here imports Triton or the compiled extension at
+import time: a backend's module is imported the first time it is asked about, and a failure to
+import it (ImportError, OSError, undefined symbols) makes that backend unavailable with the reason
+recorded, never a crash.
 
-Backend module contract (``crossvit_kernels.impl.torch_impl`` is the model): a module may define
-any of the functions below; ``unavailable_reason()`` and ``supports(op, device, dtype)`` return
-``None`` when usable, else a one-line reason.
-
-    cross_attention_core_forward(x_cls, x_tokens, w, eps) -> (z, lse, mean, rstd)
-    cross_attention_core_backward(x_cls, x_tokens, w, z, lse, mean, rstd, dz)
-        -> (dx_cls, dx_tokens, dw)
-    patch_embed_forward(images, weight, bias, pos_embed, cls_token) -> out
-    patch_embed_backward(grad_out, images, weight, has_bias, needs_images_grad)
-        -> (d_images | None, d_weight, d_bias | None, d_pos_embed, d_cls_token)
+The default backend (``use_backend``, or the environment variable ``CROSSVIT_KERNELS_BACKEND`` at
+import) is held in a :class:`contextvars.ContextVar`: a ``with use_backend(...)`` block applies to
+its own thread and asyncio task only, never to code running concurrently elsewhere.
 """
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import importlib
 import os
 import threading
@@ -41,35 +38,42 @@ from typing import Dict, Iterator, Optional, Union
 
 import torch
 
+from .base import OPS, Backend
+
 __all__ = [
     "BACKENDS",
+    "Backend",
     "available_backends",
     "use_backend",
     "get_default_backend",
+    "get_backend",
     "resolve_backend",
+    "supports",
     "explain_dispatch",
 ]
 
-#: Every backend name, in no particular order; ``"auto"`` is accepted wherever a name is.
+#: Every backend name; ``"auto"`` is accepted wherever a name is.
 BACKENDS = ("triton", "cuda", "cpp", "torch", "reference")
-OPS = ("cross_attention", "patch_embed")
 ENV_VAR = "CROSSVIT_KERNELS_BACKEND"
 
-_MODULES = {
-    "torch": "crossvit_kernels.impl.torch_impl",
-    "triton": "crossvit_kernels.triton",
-    "cpp": "crossvit_kernels.impl.cpp_impl",
-    "cuda": "crossvit_kernels.impl.cuda_impl",
+#: name -> (module, class) of each backend's implementation, imported on first use
+_CLASSES = {
+    "reference": ("crossvit_kernels.backends.reference", "ReferenceBackend"),
+    "torch": ("crossvit_kernels.backends.pytorch", "TorchBackend"),
+    "triton": ("crossvit_kernels.backends.triton", "TritonBackend"),
+    "cpp": ("crossvit_kernels.backends.extension", "CppBackend"),
+    "cuda": ("crossvit_kernels.backends.extension", "CudaBackend"),
 }
 _PREFERENCE = {"cuda": ("triton", "cuda", "torch"), "cpu": ("cpp", "torch")}
 
 _lock = threading.Lock()
-_loaded: Dict[str, object] = {}
+_loaded: Dict[str, Backend] = {}
 _load_errors: Dict[str, str] = {}
 _warned: set = set()
 
 
-def _check_name(name: str, allow_auto: bool = True) -> str:
+def check_name(name, allow_auto: bool = True) -> str:
+    """``name`` normalised ("auto" or one of :data:`BACKENDS`), or a TypeError / ValueError."""
     if not isinstance(name, str):
         raise TypeError(f"backend must be a string such as 'auto' or one of {BACKENDS}, got {type(name).__name__}")
     key = name.strip().lower()
@@ -86,75 +90,74 @@ def _default_from_env() -> str:
     if not value:
         return "auto"
     try:
-        return _check_name(value)
+        return check_name(value)
     except ValueError as exc:
         raise ValueError(f"environment variable {ENV_VAR}={value!r} is invalid: {exc}") from None
 
 
-_default_backend: str = _default_from_env()
+_default_backend: contextvars.ContextVar[str] = contextvars.ContextVar("crossvit_kernels_backend",
+                                                                       default=_default_from_env())
 
 
 def get_default_backend() -> str:
-    """The backend used when an op is called with ``backend=None``."""
-    return _default_backend
+    """The backend used when an op is called with ``backend=None`` (in this thread / task)."""
+    return _default_backend.get()
 
 
 @contextlib.contextmanager
 def use_backend(name: str) -> Iterator[str]:
     """Context manager: ops called with ``backend=None`` inside the block use ``name``.
 
+    The setting belongs to the current thread and asyncio task (a :mod:`contextvars` variable):
+    other threads, and tasks started outside the block, keep their own default.
+
     >>> with crossvit_kernels.use_backend("reference"):
     ...     logits = model(images)
     """
-    global _default_backend
-    key = _check_name(name)
-    previous = _default_backend
-    _default_backend = key
+    token = _default_backend.set(check_name(name))
     try:
-        yield key
+        yield _default_backend.get()
     finally:
-        _default_backend = previous
+        _default_backend.reset(token)
 
 
-def _load(name: str):
-    """Import a backend module once; remember why it failed."""
-    if name in _loaded:
-        return _loaded[name]
-    if name in _load_errors:
-        return None
+def _load(name: str) -> Optional[Backend]:
+    """The backend ``name``, imported and instantiated once; None (reason recorded) when unusable."""
+    backend = _loaded.get(name)
+    if backend is not None or name in _load_errors:
+        return backend
     with _lock:
-        if name in _loaded:
-            return _loaded[name]
+        if name in _loaded or name in _load_errors:
+            return _loaded.get(name)
+        module, cls = _CLASSES[name]
         try:
-            module = importlib.import_module(_MODULES[name])
-            reason = module.unavailable_reason()
+            backend = getattr(importlib.import_module(module), cls)()
+            reason = backend.unavailable_reason()
         except Exception as exc:  # ImportError, OSError, undefined symbols, broken installs
             reason = f"failed to import: {type(exc).__name__}: {exc}"
-            module = None
         if reason is not None:
             _load_errors[name] = reason
             return None
-        _loaded[name] = module
-        return module
+        _loaded[name] = backend
+        return backend
 
 
-def backend_module(name: str):
-    """The implementation module of backend ``name`` (not ``reference``), or raise why not."""
-    module = _load(name)
-    if module is None:
+def get_backend(name: str) -> Backend:
+    """The :class:`Backend` object of ``name`` (not "auto"), or a RuntimeError saying why it is unavailable."""
+    backend = _loaded.get(name) or _load(check_name(name, allow_auto=False))
+    if backend is None:
         raise RuntimeError(f"backend {name!r} is unavailable: {_load_errors[name]}")
-    return module
+    return backend
 
 
-def _unsupported_reason(name: str, op: str, device: torch.device, dtype: torch.dtype) -> Optional[str]:
-    if name == "reference":
-        return None
-    module = _load(name)
-    if module is None:
+def supports(name: str, op: str, device: Union[str, torch.device], dtype: torch.dtype) -> Optional[str]:
+    """None when backend ``name`` can run ``op`` on ``device`` tensors of ``dtype``, else the reason."""
+    if op not in OPS:
+        raise ValueError(f"unknown op {op!r}: choose one of {OPS}")
+    backend = _load(check_name(name, allow_auto=False))
+    if backend is None:
         return _load_errors[name]
-    if not hasattr(module, f"{op}_core_forward" if op == "cross_attention" else f"{op}_forward"):
-        return f"backend {name!r} has no {op} implementation"
-    return module.supports(op, device, dtype)
+    return backend.supports(op, torch.device(device), dtype)
 
 
 def available_backends() -> Dict[str, Union[bool, str]]:
@@ -163,14 +166,7 @@ def available_backends() -> Dict[str, Union[bool, str]]:
     A backend counts as available when it can run at least one op on at least one device of this
     machine; :func:`explain_dispatch` tells what ``auto`` picks for given inputs.
     """
-    result: Dict[str, Union[bool, str]] = {}
-    for name in BACKENDS:
-        if name == "reference":
-            result[name] = True
-            continue
-        module = _load(name)
-        result[name] = True if module is not None else _load_errors[name]
-    return result
+    return {name: True if _load(name) is not None else _load_errors[name] for name in BACKENDS}
 
 
 def resolve_backend(op: str, requested: Optional[str], device: torch.device, dtype: torch.dtype) -> str:
@@ -179,15 +175,15 @@ def resolve_backend(op: str, requested: Optional[str], device: torch.device, dty
     ``requested`` None means the current default (``use_backend`` / ``CROSSVIT_KERNELS_BACKEND``).
     An explicitly requested backend that cannot run the inputs raises RuntimeError saying why.
     """
-    name = _check_name(requested if requested is not None else _default_backend)
+    name = check_name(requested if requested is not None else _default_backend.get())
     if name != "auto":
-        reason = _unsupported_reason(name, op, device, dtype)
+        reason = supports(name, op, device, dtype)
         if reason is not None:
             raise RuntimeError(f"backend {name!r} cannot run {op} on {device.type} {dtype}: {reason}")
         return name
     skipped = []
     for candidate in _PREFERENCE.get(device.type, ("torch",)):
-        reason = _unsupported_reason(candidate, op, device, dtype)
+        reason = supports(candidate, op, device, dtype)
         if reason is None:
             if skipped:
                 _warn_skipped_once(op, device, candidate, skipped)
@@ -216,7 +212,7 @@ def explain_dispatch(op: str, device: Union[str, torch.device] = "cpu", dtype: t
     lines = []
     chosen = None
     for candidate in _PREFERENCE.get(device.type, ("torch",)):
-        reason = _unsupported_reason(candidate, op, device, dtype)
+        reason = supports(candidate, op, device, dtype)
         if reason is None and chosen is None:
             chosen = candidate
             lines.append(f"  {candidate}: chosen")

@@ -1,15 +1,15 @@
-"""Triton kernels of the cross-attention core (DESIGN.md section 2).
+"""Triton kernels of the cross-attention core (docs/design.md, section 2).
 
 Per batch row b the tokens are x_0 = x_cls[b] and x_i = x_tokens[b, i - 1] (i = 1..M), N = 1 + M of
-them, each of width C. The math is ``crossvit_kernels.impl.torch_impl`` (the executable spec):
+them, each of width C. The math is ``crossvit_kernels.backends.pytorch`` (the executable spec):
 
 forward   one pass over the tokens. A program loads a [BLOCK_N, C] tile, computes the LayerNorm
-          statistics in registers (and stores them), the scores of all heads (computed as the
+          statistics in registers, the scores of all heads (computed as the
           [H, C] x [C, BLOCK_N] product, the transposed [BLOCK_N, C] x [C, H]), updates an online
           softmax per head and accumulates z (a [H, BLOCK_N] x [BLOCK_N, C] product). Each token
           is read exactly once.
-backward  one pass over the tokens: xh from the saved mean/rstd, the probabilities from the saved
-          log-sum-exp; dx written once per token; dw accumulated per program.
+backward  one pass over the tokens: xh with its statistics recomputed, the probabilities from the
+          saved log-sum-exp; dx written once per token; dw accumulated per program.
 
 When the batch alone cannot fill the GPU the token axis is split across programs (flash-decoding
 style): grid (B, S); each split writes its running max, its sum and its unnormalised partial z,
@@ -25,8 +25,8 @@ Shared memory: the compiler stages every tl.dot operand in shared memory, and at
 CrossViT widths (C = 768, padded to 1024) the backward's operands would not fit. There (and
 wherever the planner's estimate exceeds the device's limit) the kernels run with HEAD_LOOP: the
 products with a K dimension of H (scores, dz.xh and the rank-H update of dxh) go one head at a
-time on the CUDA cores, and only the z / dw products stay on tl.dot. ``compile_for_gpu_target``
-compiles a kernel for an NVIDIA target without a GPU; the tests use it to check the estimate.
+time on the CUDA cores, and only the z / dw products stay on tl.dot. The compile-only tests
+(tests/sm90.py) compile the kernels for an H100 without a GPU and check the estimate.
 
 eps reaches the kernels as a float32 scalar (Triton's type for Python floats), also for float64
 inputs: its rounding moves rstd by about 1e-14 relative.
@@ -93,6 +93,17 @@ def _load_token_tile(x_cls_ptr, x_tok_ptr, b, offs_n, offs_c, n_end, C,
 
 
 @triton.jit
+def _normalize(x, cmask, C, eps):
+    """(xh, rstd) of a token tile: LayerNorm without affine (biased variance, two passes over the
+    registers); zero in the padded columns."""
+    mean = tl.sum(x, 1) / C
+    xc = tl.where(cmask[None, :], x - mean[:, None], 0.0)
+    var = tl.sum(xc * xc, 1) / C
+    rstd = 1.0 / tl.sqrt(var + eps)
+    return xc * rstd[:, None], rstd
+
+
+@triton.jit
 def _scores_by_head(w_row_ptr, xh, offs_c, offs_h, C, H, BLOCK_N: tl.constexpr, H_PAD: tl.constexpr):
     """[H_PAD, BLOCK_N] scores w_h . xh_i one head at a time on the CUDA cores (rows of w re-read
     from L1): used where the [H_PAD, C_PAD] tensor-core operands would not fit in shared memory."""
@@ -112,8 +123,6 @@ def _cross_attention_fwd_kernel(
     z_ptr,                # (B, H, C) z; with SPLIT: (B, S, H, C) unnormalised partial z
     lse_ptr,              # (B, H) lse; with SPLIT: (B, S, H) running max per split
     part_l_ptr,           # with SPLIT: (B, S, H) softmax denominators per split (else unused)
-    mean_ptr,             # (B, 1 + M) contiguous
-    rstd_ptr,             # (B, 1 + M) contiguous
     M, C, H, S, tokens_per_split, eps,
     stride_cls_b, stride_cls_c, stride_tok_b, stride_tok_m, stride_tok_c,
     BLOCK_N: tl.constexpr, C_PAD: tl.constexpr, H_PAD: tl.constexpr,
@@ -157,14 +166,11 @@ def _cross_attention_fwd_kernel(
             x = _load_token_tile(x_cls_ptr, x_tok_ptr, b, offs_n, offs_c, n_end, C,
                                  stride_cls_b, stride_cls_c, stride_tok_b, stride_tok_m, stride_tok_c,
                                  n0 == 0, acc_ty)
-        # LayerNorm statistics (biased variance, two passes over the registers)
-        mean = tl.sum(x, 1) / C
-        xc = tl.where(cmask[None, :], x - mean[:, None], 0.0)
-        var = tl.sum(xc * xc, 1) / C
-        rstd = 1.0 / tl.sqrt(var + eps)
-        xh = xc * rstd[:, None]
-        tl.store(mean_ptr + b * N + offs_n, mean, mask=nmask)
-        tl.store(rstd_ptr + b * N + offs_n, rstd, mask=nmask)
+        xh, _ = _normalize(x, cmask, C, eps)
+        # Without this barrier ptxas (sm_90) interleaves the normalisation with the staging of the
+        # dot operands and spills at C_PAD 512 (255 registers, about 300 bytes, bfloat16 tokens);
+        # with it the same program takes 178 registers and spills nothing.
+        tl.debug_barrier()
         if PREFETCH:
             # Software pipelining in registers: tile t + 1 (masked off past the split) loads while
             # tile t's scores, softmax and products run, so one load is in flight per program.
@@ -233,13 +239,11 @@ def _cross_attention_bwd_kernel(
     w_ptr,                # (B, H, C) contiguous, accumulation dtype
     z_ptr,                # (B, H, C) contiguous
     lse_ptr,              # (B, H) contiguous
-    mean_ptr,             # (B, 1 + M) contiguous
-    rstd_ptr,             # (B, 1 + M) contiguous
     dz_ptr,               # (B, H, C) contiguous
     dx_cls_ptr,           # (B, C) contiguous, x_cls dtype
     dx_tok_ptr,           # (B, M, C) contiguous, x_tokens dtype (dx_cls when M == 0: never written)
     dw_ptr,               # (B, H, C) dw; with SPLIT: (B, S, H, C) partial dw per split
-    M, C, H, S, tokens_per_split,
+    M, C, H, S, tokens_per_split, eps,
     stride_cls_b, stride_cls_c, stride_tok_b, stride_tok_m, stride_tok_c,
     BLOCK_N: tl.constexpr, C_PAD: tl.constexpr, H_PAD: tl.constexpr,
     SPLIT: tl.constexpr, INPUT_PRECISION: tl.constexpr, HEAD_LOOP: tl.constexpr,
@@ -268,12 +272,9 @@ def _cross_attention_bwd_kernel(
 
     dw = tl.zeros([H_PAD, C_PAD], acc_ty)
     if PREFETCH:
-        # the split's first tile and its statistics; each iteration then loads the next (below)
-        offs_next = n_start + tl.arange(0, BLOCK_N)
-        x_next = _load_patch_tokens(x_tok_ptr, b, offs_next, offs_c, n_end, C,
+        # the split's first tile; each iteration then loads the next one (below)
+        x_next = _load_patch_tokens(x_tok_ptr, b, n_start + tl.arange(0, BLOCK_N), offs_c, n_end, C,
                                     stride_tok_b, stride_tok_m, stride_tok_c)
-        mean_next = tl.load(mean_ptr + b * N + offs_next, mask=offs_next < n_end, other=0.0)
-        rstd_next = tl.load(rstd_ptr + b * N + offs_next, mask=offs_next < n_end, other=0.0)
     for t in range(0, num_tiles):
         n0 = n_start + t * BLOCK_N
         offs_n = n0 + tl.arange(0, BLOCK_N)
@@ -281,22 +282,16 @@ def _cross_attention_bwd_kernel(
         if PREFETCH:
             x = _add_cls_row(x_next.to(acc_ty), x_cls_ptr, b, offs_n, offs_c, C, stride_cls_b, stride_cls_c,
                              n0 == 0)
-            mean, rstd = mean_next, rstd_next
         else:
             x = _load_token_tile(x_cls_ptr, x_tok_ptr, b, offs_n, offs_c, n_end, C,
                                  stride_cls_b, stride_cls_c, stride_tok_b, stride_tok_m, stride_tok_c,
                                  n0 == 0, acc_ty)
-            mean = tl.load(mean_ptr + b * N + offs_n, mask=nmask, other=0.0)
-            rstd = tl.load(rstd_ptr + b * N + offs_n, mask=nmask, other=0.0)
-        xh = tl.where(cmask[None, :], (x - mean[:, None]) * rstd[:, None], 0.0)
+        # the LayerNorm statistics, recomputed as in the forward (nothing of size B * N is saved)
+        xh, rstd = _normalize(x, cmask, C, eps)
         if PREFETCH:
-            # as in the forward (x is dead now): tile t + 1 and its statistics load while tile t
-            # computes
-            offs_next = offs_n + BLOCK_N
-            x_next = _load_patch_tokens(x_tok_ptr, b, offs_next, offs_c, n_end, C,
+            # as in the forward (x is dead now): tile t + 1 loads while tile t computes
+            x_next = _load_patch_tokens(x_tok_ptr, b, offs_n + BLOCK_N, offs_c, n_end, C,
                                         stride_tok_b, stride_tok_m, stride_tok_c)
-            mean_next = tl.load(mean_ptr + b * N + offs_next, mask=offs_next < n_end, other=0.0)
-            rstd_next = tl.load(rstd_ptr + b * N + offs_next, mask=offs_next < n_end, other=0.0)
         if HEAD_LOOP:
             # one head at a time on the CUDA cores: a_h, ds_h and their rank-1 updates of dxh
             ds = tl.zeros([H_PAD, BLOCK_N], acc_ty)
@@ -575,30 +570,6 @@ def _empty(shape, dtype: torch.dtype, device: torch.device) -> Tensor:
     return torch.empty(shape, dtype=dtype, device=device)
 
 
-def _check_core_inputs(x_cls: Tensor, x_tokens: Tensor, w: Tensor) -> Tuple[int, int, int, int]:
-    for name, t, ndim in (("x_cls", x_cls, 2), ("x_tokens", x_tokens, 3), ("w", w, 3)):
-        if not isinstance(t, torch.Tensor):
-            raise TypeError(f"{name} must be a tensor, got {type(t).__name__}")
-        if t.dim() != ndim:
-            raise ValueError(f"{name} must have {ndim} dimensions, got shape {tuple(t.shape)}")
-        if t.dtype not in (torch.float16, torch.bfloat16, torch.float32, torch.float64):
-            raise TypeError(f"{name} must be float16, bfloat16, float32 or float64, got {t.dtype}")
-        if t.device != x_cls.device:
-            raise ValueError(f"{name} is on {t.device} but x_cls is on {x_cls.device}")
-    B, C = x_cls.shape
-    _, M, _ = x_tokens.shape
-    H = w.shape[1]
-    if x_tokens.shape[0] != B or x_tokens.shape[2] != C:
-        raise ValueError(f"x_tokens must have shape ({B}, M, {C}), got {tuple(x_tokens.shape)}")
-    if w.shape[0] != B or w.shape[2] != C or H < 1:
-        raise ValueError(f"w must have shape ({B}, H >= 1, {C}), got {tuple(w.shape)}")
-    if x_tokens.dtype != x_cls.dtype:
-        raise TypeError(f"x_tokens ({x_tokens.dtype}) and x_cls ({x_cls.dtype}) must share one dtype")
-    if B < 1 or C < 1:
-        raise ValueError(f"empty input: x_cls has shape {tuple(x_cls.shape)}")
-    return B, M, C, H
-
-
 def _token_args(x_cls: Tensor, x_tokens: Tensor):
     """The tokens' pointer and strides; x_cls stands in (never read) when there are no tokens."""
     if x_tokens.shape[1] == 0:
@@ -607,196 +578,69 @@ def _token_args(x_cls: Tensor, x_tokens: Tensor):
 
 
 # ---------------------------------------------------------------------------------------------
-# launchers (the backend contract)
+# launchers (the core contract of crossvit_kernels.backends.base; inputs validated by the op)
 # ---------------------------------------------------------------------------------------------
 
 def cross_attention_core_forward(x_cls: Tensor, x_tokens: Tensor, w: Tensor, eps: float, *,
                                  num_splits: Optional[int] = None, block_n: Optional[int] = None,
                                  head_loop: Optional[bool] = None, prefetch: Optional[bool] = None):
-    """-> (z (B, H, C), lse (B, H), mean (B, 1+M), rstd (B, 1+M)), all in the accumulation dtype.
+    """-> (z (B, H, C), lse (B, H)) in the accumulation dtype.
 
     ``num_splits`` forces the number of token splits (default: chosen from B, M and the GPU);
     ``block_n`` forces the token tile, ``head_loop`` the per-head CUDA-core scores and
     ``prefetch`` the register-prefetched token loop (default: autotuned on a GPU for
     float16/bfloat16/float32, a heuristic otherwise). ``prefetch`` never changes the bits.
     """
-    B, M, C, H = _check_core_inputs(x_cls, x_tokens, w)
+    B, C = x_cls.shape
+    M, H = x_tokens.shape[1], w.shape[1]
     dtype, device = x_cls.dtype, x_cls.device
     acc = _acc_dtype(dtype)
     w = w.to(acc).contiguous()
     N = M + 1
     S, tokens_per_split = _choose_splits(B, N, device, num_splits)
-    c_pad, h_pad = _pad(C), _pad(H)
     z = _empty((B, H, C), acc, device)
     lse = _empty((B, H), acc, device)
-    mean = _empty((B, N), acc, device)
-    rstd = _empty((B, N), acc, device)
     if S > 1:
         part_z, part_m, part_l = _empty((B, S, H, C), acc, device), _empty((B, S, H), acc, device), \
             _empty((B, S, H), acc, device)
     else:
         part_z, part_m, part_l = z, lse, lse                  # the kernel writes z and lse directly
     tok, tok_strides = _token_args(x_cls, x_tokens)
-    args = (x_cls, tok, w, part_z, part_m, part_l, mean, rstd, M, C, H, S, tokens_per_split, float(eps),
+    args = (x_cls, tok, w, part_z, part_m, part_l, M, C, H, S, tokens_per_split, float(eps),
             x_cls.stride(0), x_cls.stride(1), *tok_strides)
-    meta = dict(C_PAD=c_pad, H_PAD=h_pad, SPLIT=S > 1, INPUT_PRECISION=_input_precision(dtype))
+    meta = dict(C_PAD=_pad(C), H_PAD=_pad(H), SPLIT=S > 1, INPUT_PRECISION=_input_precision(dtype))
     with _device_guard(x_cls):
         _launch("fwd", (B, S), args, meta, x_cls, w.element_size(), block_n, head_loop, prefetch)
         if S > 1:
             _cross_attention_fwd_combine_kernel[(B, H)](
                 part_z, part_m, part_l, z, lse, C, H, S,
                 S_PAD=triton.next_power_of_2(S), BLOCK_C=min(128, triton.next_power_of_2(C)))
-    return z, lse, mean, rstd
+    return z, lse
 
 
 def cross_attention_core_backward(x_cls: Tensor, x_tokens: Tensor, w: Tensor, z: Tensor, lse: Tensor,
-                                  mean: Tensor, rstd: Tensor, dz: Tensor, *,
-                                  num_splits: Optional[int] = None, block_n: Optional[int] = None,
-                                  head_loop: Optional[bool] = None, prefetch: Optional[bool] = None):
+                                  dz: Tensor, eps: float, *, num_splits: Optional[int] = None,
+                                  block_n: Optional[int] = None, head_loop: Optional[bool] = None,
+                                  prefetch: Optional[bool] = None):
     """-> (dx_cls (B, C) in x_cls's dtype, dx_tokens (B, M, C) contiguous in x_tokens's dtype,
     dw (B, H, C) in the accumulation dtype). Keyword arguments as in the forward."""
-    B, M, C, H = _check_core_inputs(x_cls, x_tokens, w)
+    B, C = x_cls.shape
+    M, H = x_tokens.shape[1], w.shape[1]
     dtype, device = x_cls.dtype, x_cls.device
     acc = _acc_dtype(dtype)
-    N = M + 1
-    expected = {"z": (B, H, C), "lse": (B, H), "mean": (B, N), "rstd": (B, N), "dz": (B, H, C)}
-    small = {}
-    for name, t in (("z", z), ("lse", lse), ("mean", mean), ("rstd", rstd), ("dz", dz)):
-        if tuple(t.shape) != expected[name]:
-            raise ValueError(f"{name} must have shape {expected[name]}, got {tuple(t.shape)}")
-        if t.device != device:
-            raise ValueError(f"{name} is on {t.device} but x_cls is on {device}")
-        small[name] = t.to(acc).contiguous()
-    w = w.to(acc).contiguous()
-    S, tokens_per_split = _choose_splits(B, N, device, num_splits)
-    c_pad, h_pad = _pad(C), _pad(H)
+    w, z, lse, dz = (t.to(acc).contiguous() for t in (w, z, lse, dz))
+    S, tokens_per_split = _choose_splits(B, M + 1, device, num_splits)
     dx_cls = _empty((B, C), dtype, device)
     dx_tokens = _empty((B, M, C), x_tokens.dtype, device)
     dw = _empty((B, H, C), acc, device)
     part_dw = _empty((B, S, H, C), acc, device) if S > 1 else dw
     tok, tok_strides = _token_args(x_cls, x_tokens)
-    args = (x_cls, tok, w, small["z"], small["lse"], small["mean"], small["rstd"], small["dz"],
-            dx_cls, dx_tokens if M > 0 else dx_cls, part_dw, M, C, H, S, tokens_per_split,
-            x_cls.stride(0), x_cls.stride(1), *tok_strides)
-    meta = dict(C_PAD=c_pad, H_PAD=h_pad, SPLIT=S > 1, INPUT_PRECISION=_input_precision(dtype))
+    args = (x_cls, tok, w, z, lse, dz, dx_cls, dx_tokens if M > 0 else dx_cls, part_dw, M, C, H, S, tokens_per_split,
+            float(eps), x_cls.stride(0), x_cls.stride(1), *tok_strides)
+    meta = dict(C_PAD=_pad(C), H_PAD=_pad(H), SPLIT=S > 1, INPUT_PRECISION=_input_precision(dtype))
     with _device_guard(x_cls):
         _launch("bwd", (B, S), args, meta, x_cls, w.element_size(), block_n, head_loop, prefetch)
         if S > 1:
             block = 1024
             _cross_attention_dw_combine_kernel[(B, triton.cdiv(H * C, block))](part_dw, dw, H * C, S, BLOCK=block)
     return dx_cls, dx_tokens, dw
-
-
-# ---------------------------------------------------------------------------------------------
-# compile-only check for a real GPU target (used by the tests on machines without a GPU)
-# ---------------------------------------------------------------------------------------------
-
-_TRITON_TYPES = {"float16": "fp16", "bfloat16": "bf16", "float32": "fp32", "float64": "fp64"}
-
-
-def _ptxas_usage(ptx: str, arch: int) -> dict:
-    """Registers per thread and spill bytes of ``ptx`` as the ptxas bundled with Triton reports
-    them (-v): the numbers the GPU build would have, read without a GPU. Kept in Triton's cache
-    (keyed by the PTX and the ptxas binary), as the compiled kernels are."""
-    import hashlib
-    import json
-    import re
-    import subprocess
-    import tempfile
-
-    from triton.runtime.cache import get_cache_manager
-
-    try:
-        from triton.backends.nvidia.compiler import get_ptxas, sm_arch_from_capability
-        ptxas, gpu_name = get_ptxas(arch).path, sm_arch_from_capability(arch)
-    except ImportError:  # a Triton without these helpers: its bundled binary, by the usual path
-        ptxas = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "ptxas")
-        gpu_name = f"sm_{arch}a" if arch >= 90 else f"sm_{arch}"
-    stat = os.stat(ptxas)
-    key = f"{ptxas}:{stat.st_size}:{stat.st_mtime_ns}:{gpu_name}\n{ptx}"
-    cache = get_cache_manager(hashlib.sha256(key.encode()).hexdigest())
-    cached = cache.get_file("ptxas_usage.json")
-    if cached is not None:
-        with open(cached) as f:
-            return json.load(f)
-    with tempfile.TemporaryDirectory() as tmp:
-        src = os.path.join(tmp, "kernel.ptx")
-        with open(src, "w") as f:
-            f.write(ptx)
-        proc = subprocess.run([ptxas, "-v", f"--gpu-name={gpu_name}", src, "-o", os.path.join(tmp, "kernel.cubin")],
-                              capture_output=True, text=True)
-    log = proc.stdout + proc.stderr
-    regs = re.search(r"Used (\d+) registers", log)
-    spills = re.search(r"(\d+) bytes spill stores, (\d+) bytes spill loads", log)
-    if proc.returncode != 0 or regs is None or spills is None:
-        raise RuntimeError(f"cannot read the register usage from {ptxas} -v:\n{log[-2000:]}")
-    usage = dict(registers=int(regs.group(1)), spill_stores=int(spills.group(1)), spill_loads=int(spills.group(2)))
-    cache.put(json.dumps(usage), "ptxas_usage.json", binary=False)
-    return usage
-
-
-def compile_for_gpu_target(which: str, dtype: str, C: int, H: int, split: bool = False, arch: int = 90,
-                           smem_limit: int = 227 * 1024, config: Optional[dict] = None) -> dict:
-    """Compile one kernel for NVIDIA sm_``arch`` (no GPU needed: Triton ships ptxas) with the config
-    the heuristic planner picks for a GPU with ``smem_limit`` bytes of shared memory per block, or
-    with ``config`` (BLOCK_N, HEAD_LOOP, PREFETCH, num_warps and optionally num_stages: an
-    autotune config, as ``triton.Config.all_kwargs()`` spells it).
-
-    ``which`` is "fwd", "bwd", "fwd_combine" or "dw_combine"; ``dtype`` the input dtype's name.
-    Returns the config, the shared memory the compiled kernel uses, the planner's estimate, the
-    cubin size, whether the PTX uses tensor-core (mma) instructions, and the registers per thread
-    and spill stores / loads (bytes) that ptxas reports. Must run with TRITON_INTERPRET unset (the
-    interpreter replaces the kernels with Python functions).
-    """
-    from triton.backends.compiler import GPUTarget
-
-    target = GPUTarget("cuda", arch, 32)
-    tname = _TRITON_TYPES[dtype]
-    acc = "fp64" if tname == "fp64" else "fp32"
-    elem = 8 if acc == "fp64" else 4
-    num_stages = 1
-    if which in ("fwd", "bwd"):
-        kernel = _cross_attention_fwd_kernel if which == "fwd" else _cross_attention_bwd_kernel
-        c_pad, h_pad = _pad(C), _pad(H)
-        if config is None:
-            cfg = _heuristic_config(which, c_pad, h_pad, elem, smem_limit, None, None, None,
-                                    _input_precision(getattr(torch, dtype)))
-        else:
-            cfg = dict(BLOCK_N=config["BLOCK_N"], HEAD_LOOP=config["HEAD_LOOP"],
-                       PREFETCH=config.get("PREFETCH", False), num_warps=config["num_warps"])
-            num_stages = config.get("num_stages", 1)
-        consts = dict(BLOCK_N=cfg["BLOCK_N"], HEAD_LOOP=cfg["HEAD_LOOP"], PREFETCH=cfg["PREFETCH"], C_PAD=c_pad,
-                      H_PAD=h_pad, SPLIT=split, INPUT_PRECISION=_input_precision(getattr(torch, dtype)))
-        types = {n: "*" + tname for n in ("x_cls_ptr", "x_tok_ptr", "dx_cls_ptr", "dx_tok_ptr")}
-        types.update({n: "*" + acc for n in ("w_ptr", "z_ptr", "lse_ptr", "part_l_ptr", "mean_ptr", "rstd_ptr",
-                                             "dz_ptr", "dw_ptr")})
-        types.update(eps="fp32")
-        # Specialised as the JIT specialises a launch in the model, where the tokens are the view
-        # branch[:, 1:] of a contiguous activation: an integer argument equal to 1 becomes a
-        # constant, and pointers and integers divisible by 16 are marked so. The unit channel
-        # stride and aligned rows let the compiler vectorise the token loads and stores, which
-        # changes the registers ptxas reports. M stays unmarked (the L branch's 196 patch tokens are
-        # not a multiple of 16), and stride_tok_b is that branch's (1 + 196) * C.
-        ints = dict(C=C, H=H, S=2 if split else 1, tokens_per_split=SPLIT_ALIGN, stride_cls_b=C, stride_cls_c=1,
-                    stride_tok_b=C * 197, stride_tok_m=C, stride_tok_c=1)
-        consts.update({n: 1 for n, v in ints.items() if v == 1})
-        aligned = {n for n, v in ints.items() if v % 16 == 0} | {n for n in types if types[n].startswith("*")}
-        if C * torch.empty((), dtype=getattr(torch, dtype)).element_size() % 16:
-            aligned.discard("x_tok_ptr")                        # the view starts one row into the branch
-        num_warps = cfg["num_warps"]
-        estimate = _smem_bytes(which, cfg["BLOCK_N"], c_pad, h_pad, elem, cfg["HEAD_LOOP"])
-    else:
-        kernel = _cross_attention_fwd_combine_kernel if which == "fwd_combine" else _cross_attention_dw_combine_kernel
-        cfg, estimate, num_warps = {}, None, 4
-        consts = dict(S_PAD=8, BLOCK_C=128) if which == "fwd_combine" else dict(BLOCK=1024)
-        types = {n: "*" + acc for n in kernel.arg_names if n.endswith("_ptr")}
-        aligned = set()
-    signature = {n: ("constexpr" if n in consts else types.get(n, "i32")) for n in kernel.arg_names}
-    attrs = {(i,): [["tt.divisibility", 16]] for i, n in enumerate(kernel.arg_names) if n in aligned}
-    source = triton.compiler.ASTSource(fn=kernel, signature=signature, constexprs=consts, attrs=attrs)
-    compiled = triton.compile(source, target=target, options=dict(num_warps=num_warps, num_stages=num_stages))
-    if cfg:
-        cfg["num_stages"] = num_stages
-    return dict(which=which, dtype=dtype, C=C, H=H, split=split, config=cfg,
-                shared=int(compiled.metadata.shared), estimate=estimate, cubin_bytes=len(compiled.asm["cubin"]),
-                mma="mma" in compiled.asm["ptx"], **_ptxas_usage(compiled.asm["ptx"], arch))

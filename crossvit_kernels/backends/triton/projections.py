@@ -1,12 +1,12 @@
-"""Triton kernels of the cross-attention op's O(C^2) projections, for inference.
+"""Triton kernels of the cross-attention op's O(C^2) projections: the triton backend's forward.
 
-The fused op (DESIGN.md section 2) is the one-pass core (``cross_attention.py``) between small
+The fused op (docs/design.md, section 2) is the one-pass core (``cross_attention.py``) between small
 projections that have B rows each: before it the absorbed query w = scale * gamma * (Wk_h^T q_h)
 with q = Wq LN(x_cls) + bq; after it the value and output projections and the residual. Written
 as PyTorch ops those are about twenty kernels (a cast per parameter for half inputs, LayerNorm,
 linear, bmm, scalings, baddbmm, linear, cast, add): at CrossViT's sizes each is a few
 microseconds of launch and latency, together several times the core's own time (H100 profile
-in benchmarks/results). Here they are three kernels, so an inference call is four or five:
+in benchmarks/results). Here they are three kernels, so a forward is four or five:
 
     _xattn_query_kernel   LN(x_cls) -> q_h -> w_h = (q_h Wk_h) * scale * gamma   grid (B tiles, H)
     core forward          (+ its split combine)                                  cross_attention.py
@@ -15,8 +15,8 @@ in benchmarks/results). Here they are three kernels, so an inference call is fou
 
 Parameters are read in their own dtype and every product and sum runs in float32 with IEEE
 products, as the PyTorch form computes them after its casts; the residual is added in float32
-and rounded once. No gradient is recorded: the op uses these kernels only when no input needs
-one (``cross_attention_forward_fused``'s caller checks), and the PyTorch form otherwise.
+and rounded once. The kernels also write what the backward needs (q, w, z, lse, o: the whole-op
+contract of crossvit_kernels.backends.base), so training and inference run the same forward.
 """
 from __future__ import annotations
 
@@ -37,7 +37,6 @@ __all__ = ["cross_attention_forward_fused", "fused_projections_enabled", "FUSED_
 #: projections around the core), for A/B measurements.
 FUSED_ENV = "CROSSVIT_KERNELS_TRITON_FUSED_PROJECTIONS"
 
-_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 BLOCK_B = 16      # rows per program (tl.dot needs >= 16)
 BLOCK_K = 64      # columns of C per step
 
@@ -91,6 +90,7 @@ def _xattn_query_kernel(
     wq_ptr,               # (C, C) contiguous
     bq_ptr,               # (C,) (likewise when HAS_BQ is false)
     wk_ptr,               # (C, C) contiguous
+    q_ptr,                # (B, C) contiguous float32: the query
     w_ptr,                # (B, H, C) contiguous float32: the absorbed query
     B, C, D, H, eps, scale,
     stride_cls_b, stride_cls_c,
@@ -116,6 +116,7 @@ def _xattn_query_kernel(
                                      beta_ptr, wq_ptr, h, D, offs_d, dmask, C, HAS_GAMMA, HAS_BETA)
     if HAS_BQ:
         q += tl.load(bq_ptr + h * D + offs_d, mask=dmask, other=0.0).to(tl.float32)[None, :]
+    tl.store(q_ptr + rows[:, None] * C + (h * D + offs_d)[None, :], q, mask=rmask[:, None] & dmask[None, :])
 
     # w_h = (q_h Wk_h) * scale * gamma: a [BLOCK_B, D] x [D, C] product, C in steps of BLOCK_K
     for c0 in range(0, C, BLOCK_K):
@@ -198,23 +199,18 @@ def _contig(t: Optional[Tensor]) -> Optional[Tensor]:
     return None if t is None else t.contiguous()
 
 
-def supports_fused(x_cls: Tensor) -> bool:
-    """The dtypes the fused projections cover (float64 keeps the PyTorch projections)."""
-    return x_cls.dtype in _DTYPES
-
-
 def cross_attention_forward_fused(x_cls: Tensor, x_tokens: Tensor, norm_weight: Optional[Tensor],
                                   norm_bias: Optional[Tensor], wq: Tensor, bq: Optional[Tensor], wk: Tensor,
                                   wv: Tensor, bv: Optional[Tensor], wo: Tensor, bo: Optional[Tensor],
-                                  num_heads: int, eps: float, residual: bool = True) -> Tensor:
-    """The cross-attention op's forward on the triton backend in four or five kernels: (B, C) in
-    x_cls's dtype, ``x_cls + block(x_cls, x_tokens)`` with ``residual`` else the block's delta.
+                                  num_heads: int, eps: float, residual: bool):
+    """The cross-attention op's forward on the triton backend in four or five kernels, for
+    float16, bfloat16 and float32 inputs: (out, q, w, z, lse, o) as the whole-op contract of
+    crossvit_kernels.backends.base states them. ``out`` is ``x_cls + block(x_cls, x_tokens)``
+    with ``residual``, else the block's delta, in x_cls's dtype.
 
     Inputs as :func:`crossvit_kernels.ops.cross_attention` (validated there, all of one dtype and
-    device; the key bias is not an input: softmax ignores it). Records no gradient.
+    device; the key bias is not an input: softmax ignores it).
     """
-    if not supports_fused(x_cls):
-        raise TypeError(f"the fused projections take float16, bfloat16 or float32, got {x_cls.dtype}")
     B, C = x_cls.shape
     H = num_heads
     D = C // H
@@ -224,15 +220,16 @@ def cross_attention_forward_fused(x_cls: Tensor, x_tokens: Tensor, norm_weight: 
     gamma, beta, bq, bv, bo = (_contig(t) for t in (norm_weight, norm_bias, bq, bv, bo))
     dummy = x_cls                                                   # stands in for absent vectors
     row_tiles = triton.cdiv(B, BLOCK_B)
-    with torch.no_grad(), _core._device_guard(x_cls):
+    with _core._device_guard(x_cls):
+        q = _core._empty((B, C), torch.float32, device)
         w = _core._empty((B, H, C), torch.float32, device)
         _xattn_query_kernel[(row_tiles, H)](
             x_cls, gamma if gamma is not None else dummy, beta if beta is not None else dummy,
-            wq, bq if bq is not None else dummy, wk, w,
+            wq, bq if bq is not None else dummy, wk, q, w,
             B, C, D, H, float(eps), float(D ** -0.5), x_cls.stride(0), x_cls.stride(1),
             HAS_GAMMA=gamma is not None, HAS_BETA=beta is not None, HAS_BQ=bq is not None,
             BLOCK_B=BLOCK_B, BLOCK_K=BLOCK_K, D_PAD=d_pad)
-        z = _core.cross_attention_core_forward(x_cls, x_tokens, w, eps)[0]
+        z, lse = _core.cross_attention_core_forward(x_cls, x_tokens, w, eps)
         o = _core._empty((B, C), torch.float32, device)
         _xattn_value_kernel[(row_tiles, H)](
             z, gamma if gamma is not None else z, beta if beta is not None else z,
@@ -245,34 +242,4 @@ def cross_attention_forward_fused(x_cls: Tensor, x_tokens: Tensor, norm_weight: 
             o, wo, bo if bo is not None else o, x_cls, out, B, C, x_cls.stride(0), x_cls.stride(1),
             HAS_BO=bo is not None, RESIDUAL=bool(residual),
             BLOCK_B=BLOCK_B, BLOCK_K=BLOCK_K, BLOCK_C=block_c)
-    return out
-
-
-# ---------------------------------------------------------------------------------------------
-# compile-only check for a real GPU target (used by the tests on machines without a GPU)
-# ---------------------------------------------------------------------------------------------
-
-def compile_for_gpu_target(which: str, dtype: str, C: int, H: int, arch: int = 90) -> dict:
-    """Compile one projection kernel (``which``: "query", "value" or "output") for NVIDIA
-    sm_``arch`` with the launcher's block sizes; ``dtype`` is the input dtype's name. Returns the
-    shared memory the compiled kernel uses and the cubin size. Run with TRITON_INTERPRET unset."""
-    from triton.backends.compiler import GPUTarget
-
-    tname = _core._TRITON_TYPES[dtype]
-    d_pad = max(16, triton.next_power_of_2(C // H))
-    kernel, consts = {
-        "query": (_xattn_query_kernel, dict(HAS_GAMMA=True, HAS_BETA=True, HAS_BQ=True, BLOCK_B=BLOCK_B,
-                                             BLOCK_K=BLOCK_K, D_PAD=d_pad)),
-        "value": (_xattn_value_kernel, dict(HAS_GAMMA=True, HAS_BETA=True, HAS_BV=True, BLOCK_B=BLOCK_B,
-                                             BLOCK_K=BLOCK_K, D_PAD=d_pad)),
-        "output": (_xattn_output_kernel, dict(HAS_BO=True, RESIDUAL=True, BLOCK_B=BLOCK_B, BLOCK_K=BLOCK_K,
-                                              BLOCK_C=64)),
-    }[which]
-    fp32_ptrs = {"w_ptr", "z_ptr", "o_ptr"}
-    types = {n: ("*fp32" if n in fp32_ptrs else "*" + tname) for n in kernel.arg_names if n.endswith("_ptr")}
-    types.update(eps="fp32", scale="fp32")
-    signature = {n: ("constexpr" if n in consts else types.get(n, "i32")) for n in kernel.arg_names}
-    compiled = triton.compile(triton.compiler.ASTSource(fn=kernel, signature=signature, constexprs=consts),
-                              target=GPUTarget("cuda", arch, 32), options=dict(num_warps=4, num_stages=1))
-    return dict(which=which, dtype=dtype, C=C, H=H, shared=int(compiled.metadata.shared),
-                cubin_bytes=len(compiled.asm["cubin"]))
+    return out, q, w, z, lse, o

@@ -1,4 +1,4 @@
-"""Triton kernels of the linear patch embedding (DESIGN.md section 3).
+"""Triton kernels of the linear patch embedding (docs/design.md, section 3).
 
 Forward: one kernel. Each program computes a (BLOCK_M token rows) x (BLOCK_N channels) tile of
 
@@ -331,33 +331,22 @@ def _device_ctx(t: Tensor):
     return torch.cuda.device(t.device) if t.is_cuda else contextlib.nullcontext()
 
 
-def _check(images: Tensor, weight: Tensor) -> Tuple[int, ...]:
-    if images.dim() != 4 or weight.dim() != 4:
-        raise ValueError(f"images must be (B, Cin, H, W) and weight (C, Cin, ph, pw), got "
-                         f"{tuple(images.shape)} and {tuple(weight.shape)}")
+def _dims(images: Tensor, weight: Tensor) -> Tuple[int, ...]:
     B, Cin, H, W = images.shape
-    C, wc, ph, pw = weight.shape
-    if wc != Cin or H % ph or W % pw:
-        raise ValueError(f"weight {tuple(weight.shape)} does not tile images {tuple(images.shape)}")
-    if weight.dtype != images.dtype:
-        raise TypeError(f"weight dtype {weight.dtype} != images dtype {images.dtype}")
+    C, _, ph, pw = weight.shape
     return B, Cin, H, W, C, ph, pw
 
 
 # ---------------------------------------------------------------------------------------------
-# launchers (the backend contract)
+# launchers (the backend contract of crossvit_kernels.backends.base; inputs validated by the op)
 # ---------------------------------------------------------------------------------------------
 
 def patch_embed_forward(images: Tensor, weight: Tensor, bias: Optional[Tensor], pos_embed: Tensor,
                         cls_token: Tensor) -> Tensor:
-    """(B, 1 + P, C) in the images' dtype; see ``crossvit_kernels.impl.torch_impl``."""
-    B, Cin, H, W, C, ph, pw = _check(images, weight)
+    """(B, 1 + P, C) in the images' dtype; see ``crossvit_kernels.backends.pytorch``."""
+    B, Cin, H, W, C, ph, pw = _dims(images, weight)
     GH, GW = H // ph, W // pw
     P, K, M = GH * GW, Cin * ph * pw, B * GH * GW
-    if tuple(pos_embed.shape) != (1 + P, C) or cls_token.numel() != C:
-        raise ValueError(f"pos_embed must be ({1 + P}, {C}) and cls_token ({C},), got "
-                         f"{tuple(pos_embed.shape)} and {tuple(cls_token.shape)}")
-    cls_token = cls_token.reshape(C)
     w2 = weight.reshape(C, K).contiguous()
     b1 = bias.contiguous() if bias is not None else w2  # any valid pointer when there is no bias
     out = torch.empty((B, 1 + P, C), device=images.device, dtype=_store_dtype(images, images.dtype))
@@ -401,13 +390,11 @@ def _sum_partials(part: Tensor, out_dtype: torch.dtype) -> Tensor:
 
 def patch_embed_backward(grad_out: Tensor, images: Tensor, weight: Tensor, has_bias: bool,
                          needs_images_grad: bool):
-    """(d_images | None, d_weight, d_bias | None, d_pos_embed, d_cls_token); see torch_impl."""
-    B, Cin, H, W, C, ph, pw = _check(images, weight)
+    """(d_images | None, d_weight, d_bias | None, d_pos_embed, d_cls_token); see backends.pytorch."""
+    B, Cin, H, W, C, ph, pw = _dims(images, weight)
     GH, GW = H // ph, W // pw
     P, K, M = GH * GW, Cin * ph * pw, B * GH * GW
     T = 1 + P
-    if tuple(grad_out.shape) != (B, T, C):
-        raise ValueError(f"grad_out must be ({B}, {T}, {C}), got {tuple(grad_out.shape)}")
     acc_torch, acc_tl = _acc_dtypes(images.dtype)
     precision = _input_precision(images.dtype)
     dot_fp32 = _dot_fp32(images)

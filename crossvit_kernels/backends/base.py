@@ -1,0 +1,255 @@
+"""The backend contract, and the generic absorbed formulation a backend inherits.
+
+A backend is a :class:`Backend` subclass. It declares what it supports as data (``devices``,
+``dtypes`` per op, and ``why_not`` per op: the reason for the dtypes it leaves out) and
+implements the ops, at one of two depths:
+
+* **the core only** (``cross_attention_core_forward`` / ``_backward``): the one pass over the
+  tokens. It then inherits :meth:`Backend.cross_attention_forward` / ``_backward``, the whole op
+  (LayerNorm, projections, core, output projection, residual) written around the core in plain
+  PyTorch: the absorbed formulation of docs/design.md, section 2;
+* **the whole op**: a backend that fuses more (Triton's projection kernels) overrides
+  ``cross_attention_forward`` / ``_backward`` themselves, for the inputs it covers, and calls the
+  inherited ones for the rest.
+
+Every method runs under ``torch.no_grad()`` on inputs the op layer (``crossvit_kernels.ops``) has
+validated: all floating point, one dtype and one device, shapes consistent, B >= 1, C >= 1.
+The methods may therefore assume them; they never need to raise for bad user input.
+
+Whole-op contract of the cross-attention (shapes per batch row b; H heads of width d = C / H;
+``acc`` is float64 for float64 inputs, float32 otherwise):
+
+    cross_attention_forward(x_cls (B, C), x_tokens (B, M, C), norm_weight, norm_bias (C,) | None,
+                            wq (C, C), bq | None, wk, wv, bv | None, wo, bo | None,
+                            num_heads, eps, residual)
+        -> out (B, C) in x_cls's dtype, and what the backward needs, all in ``acc``:
+           q (B, C) the query, w (B, H, C) the absorbed query, z (B, H, C) the weighted sums of
+           the normalised tokens, lse (B, H) the softmax log-sum-exp, o (B, C) the attention
+           output before the output projection.
+    cross_attention_backward(grad_out (B, C), x_cls, x_tokens, norm_weight, norm_bias, wq, wk, wv,
+                             wo, q, w, z, lse, o, num_heads, eps, residual, needs)
+        -> the gradients of (x_cls, x_tokens, norm_weight, norm_bias, wq, bq, wk, bk, wv, bv, wo,
+           bo), None where ``needs`` (twelve booleans in that order) is False. Each in its input's
+           dtype; x_tokens's gradient contiguous. The key bias's is exactly zero: softmax ignores
+           a constant shift of a head's scores.
+
+Nothing of size O(B * N) is saved between the two: the backward recomputes the token
+statistics from the tokens, which it reads anyway.
+
+Core contract (``w`` as above, contiguous in ``acc``):
+
+    cross_attention_core_forward(x_cls, x_tokens, w, eps) -> (z (B, H, C), lse (B, H)) in acc
+    cross_attention_core_backward(x_cls, x_tokens, w, z, lse, dz, eps)
+        -> (dx_cls (B, C) in x_cls's dtype, dx_tokens (B, M, C) contiguous in x_tokens's dtype,
+            dw (B, H, C) in acc)
+
+Patch embedding contract (shapes in ``crossvit_kernels.ops.patch_embed``):
+
+    patch_embed_forward(images, weight, bias | None, pos_embed (1 + P, C), cls_token (C,)) -> out
+    patch_embed_backward(grad_out, images, weight, has_bias, needs_images_grad)
+        -> (d_images | None, d_weight, d_bias | None, d_pos_embed, d_cls_token)
+
+``crossvit_kernels.backends.pytorch`` is the executable specification of both cores.
+"""
+from __future__ import annotations
+
+from typing import Dict, List, Optional, Sequence, Tuple
+
+import torch
+import torch.nn.functional as F
+
+Tensor = torch.Tensor
+
+#: Every floating dtype an op accepts (the one declaration; backends narrow it per op).
+FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+#: The dtypes of the compiled kernels (float32 accumulation).
+HALF_AND_SINGLE = (torch.float16, torch.bfloat16, torch.float32)
+OPS = ("cross_attention", "patch_embed")
+#: ``Backend.devices`` of a backend that runs on any device type
+ANY_DEVICE = ("any",)
+
+
+def acc_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype the ops accumulate in: float64 for float64 inputs, float32 otherwise."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def dtype_names(dtypes: Sequence[torch.dtype]) -> str:
+    return ", ".join(str(d).replace("torch.", "") for d in dtypes)
+
+
+class Backend:
+    """Base class of every backend; see the module docstring for the contract."""
+
+    #: the backend's name, as ``backend=`` spells it
+    name: str = ""
+    #: device types it runs on (ANY_DEVICE: all)
+    devices: Tuple[str, ...] = ()
+    #: op -> the input dtypes it supports (an op missing here is not implemented)
+    dtypes: Dict[str, Tuple[torch.dtype, ...]] = {}
+    #: op -> why the dtypes outside ``dtypes[op]`` are not supported
+    why_not: Dict[str, str] = {}
+
+    # -- availability and support (read by the registry's supports / explain_dispatch) ------------
+    def unavailable_reason(self) -> Optional[str]:
+        """None when the backend can run on this machine, else why not (checked once, on load)."""
+        return None
+
+    def device_reason(self, device: torch.device) -> Optional[str]:
+        """None when it can run tensors on ``device`` (of a type in ``devices``), else why not."""
+        return None
+
+    def supports(self, op: str, device: torch.device, dtype: torch.dtype) -> Optional[str]:
+        """None when this backend runs ``op`` on ``device`` tensors of ``dtype``, else the reason."""
+        if op not in self.dtypes:
+            return f"the {self.name} backend has no {op} implementation"
+        if device.type not in self.devices and self.devices != ANY_DEVICE:
+            return (f"the {self.name} backend runs {' and '.join(d.upper() for d in self.devices)} tensors, "
+                    f"not {device.type}")
+        reason = self.device_reason(device)
+        if reason is not None:
+            return reason
+        if dtype not in self.dtypes[op]:
+            why = self.why_not.get(op)
+            return (f"the {self.name} {op} supports {dtype_names(self.dtypes[op])}, not "
+                    f"{str(dtype).replace('torch.', '')}" + (f" ({why})" if why else ""))
+        return None
+
+    # -- the cores: what every backend implements ------------------------------------------------
+    def cross_attention_core_forward(self, x_cls: Tensor, x_tokens: Tensor, w: Tensor,
+                                     eps: float) -> Tuple[Tensor, Tensor]:
+        raise NotImplementedError
+
+    def cross_attention_core_backward(self, x_cls: Tensor, x_tokens: Tensor, w: Tensor, z: Tensor, lse: Tensor,
+                                      dz: Tensor, eps: float) -> Tuple[Tensor, Tensor, Tensor]:
+        raise NotImplementedError
+
+    def patch_embed_forward(self, images: Tensor, weight: Tensor, bias: Optional[Tensor], pos_embed: Tensor,
+                            cls_token: Tensor) -> Tensor:
+        raise NotImplementedError
+
+    def patch_embed_backward(self, grad_out: Tensor, images: Tensor, weight: Tensor, has_bias: bool,
+                             needs_images_grad: bool):
+        raise NotImplementedError
+
+    # -- the whole cross-attention op: the absorbed formulation around the core --------------------
+    # Host-bound at CrossViT's sizes (every GEMM here has B rows): each line is the fewest eager ops
+    # that compute it. Per-head products are bmm over views (an einsum costs several bmm in Python),
+    # bias adds and scales are folded into addmm / baddbmm / addcmul, and nothing is cast when the
+    # dtype already is the accumulation dtype.
+
+    def cross_attention_forward(self, x_cls: Tensor, x_tokens: Tensor, norm_weight: Optional[Tensor],
+                                norm_bias: Optional[Tensor], wq: Tensor, bq: Optional[Tensor], wk: Tensor,
+                                wv: Tensor, bv: Optional[Tensor], wo: Tensor, bo: Optional[Tensor],
+                                num_heads: int, eps: float, residual: bool):
+        B, C = x_cls.shape
+        H = num_heads
+        d = C // H
+        acc = acc_dtype(x_cls.dtype)
+        x0, gamma, beta, wq, bq, wk, wv, bv, wo, bo = _cast(acc, x_cls, norm_weight, norm_bias, wq, bq, wk, wv, bv,
+                                                            wo, bo)
+        q = F.linear(F.layer_norm(x0, (C,), gamma, beta, eps), wq, bq)                     # (B, C)
+        w = _absorbed_query(q, wk, gamma, H)                                               # (B, H, C)
+        z, lse = self.cross_attention_core_forward(x_cls, x_tokens, w, eps)
+        # the probabilities sum to 1: the LayerNorm affine applies to z as to each token, and the
+        # value projection after the weighted sum, per head
+        zz = _affine(z, gamma, beta)                                                       # (B, H, C)
+        wv_t = wv.view(H, d, C).transpose(1, 2)                                           # (H, C, d)
+        o = (torch.baddbmm(bv.view(H, 1, d), zz.transpose(0, 1), wv_t) if bv is not None
+             else torch.bmm(zz.transpose(0, 1), wv_t)).transpose(0, 1).reshape(B, C)      # (B, C)
+        out = F.linear(o, wo, bo)
+        if residual:
+            out += x0
+        return out.to(x_cls.dtype), q, w, z, lse, o
+
+    def cross_attention_backward(self, grad_out: Tensor, x_cls: Tensor, x_tokens: Tensor,
+                                 norm_weight: Optional[Tensor], norm_bias: Optional[Tensor], wq: Tensor,
+                                 wk: Tensor, wv: Tensor, wo: Tensor, q: Tensor, w: Tensor, z: Tensor, lse: Tensor,
+                                 o: Tensor, num_heads: int, eps: float, residual: bool,
+                                 needs: Sequence[bool]) -> List[Optional[Tensor]]:
+        (n_xcls, n_xtok, n_gamma, n_beta, n_wq, n_bq, n_wk, n_bk, n_wv, n_bv, n_wo, n_bo) = needs
+        B, C = x_cls.shape
+        H = num_heads
+        d = C // H
+        acc = acc_dtype(x_cls.dtype)
+        g, x0, gamma, beta, wq_, wk_, wv_, wo_ = _cast(acc, grad_out, x_cls, norm_weight, norm_bias, wq, wk, wv, wo)
+        need_gamma, need_beta = n_gamma and gamma is not None, n_beta and beta is not None
+        d_gamma = d_beta = None
+        # out = x0 + Wo o + bo
+        d_wo = g.t().mm(o) if n_wo else None
+        d_bo = g.sum(0) if n_bo else None
+        do = g.mm(wo_).view(B, H, d).transpose(0, 1)                                       # (H, B, d)
+        # o_h = Wv_h zz_h + bv_h, zz = gamma * z + beta
+        d_wv = torch.bmm(do.transpose(1, 2), _affine(z, gamma, beta).transpose(0, 1)).view(C, C) if n_wv else None
+        d_bv = do.transpose(0, 1).reshape(B, C).sum(0) if n_bv else None
+        dy = torch.bmm(do, wv_.view(H, d, C)).transpose(0, 1)                              # (B, H, C)
+        if need_gamma:
+            d_gamma = (dy * z).sum((0, 1))
+        if need_beta:
+            d_beta = dy.sum((0, 1))
+        dz = dy * gamma if gamma is not None else dy
+        need_query = n_xcls or need_gamma or need_beta or n_wq or n_bq or n_wk
+        dx_cls = dx_tokens = d_wq = d_bq = d_wk = None
+        if n_xcls or n_xtok or need_query:
+            dx_cls, dx_tokens, dw = self.cross_attention_core_backward(x_cls, x_tokens, w, z, lse, dz.contiguous(),
+                                                                       eps)
+            if not n_xtok:
+                dx_tokens = None
+            dx_cls = dx_cls.to(acc) if n_xcls else None
+        if need_query:
+            # w = s * gamma * u, u_h = Wk_h^T q_h
+            qh = q.view(B, H, d).transpose(0, 1)                                           # (H, B, d)
+            dw = dw.transpose(0, 1)                                                        # (H, B, C)
+            if need_gamma:
+                d_gamma += (dw * torch.bmm(qh, wk_.view(H, d, C))).sum((0, 1)) * d ** -0.5
+            du = dw * (gamma * d ** -0.5 if gamma is not None else d ** -0.5)              # (H, B, C)
+            d_wk = torch.bmm(qh.transpose(1, 2), du).view(C, C) if n_wk else None
+            dq = torch.bmm(du, wk_.view(H, d, C).transpose(1, 2)).transpose(0, 1).reshape(B, C)
+            # q = Wq y0 + bq, y0 = gamma * xh0 + beta
+            var, mean = torch.var_mean(x0, dim=1, correction=0)
+            rstd = torch.rsqrt(var + eps)
+            xh0 = (x0 - mean[:, None]) * rstd[:, None]
+            d_wq = dq.t().mm(_affine(xh0, gamma, beta)) if n_wq else None
+            d_bq = dq.sum(0) if n_bq else None
+            dy0 = dq.mm(wq_)
+            if need_gamma:
+                d_gamma += (dy0 * xh0).sum(0)
+            if need_beta:
+                d_beta += dy0.sum(0)
+            if n_xcls:
+                dxh0 = dy0 * gamma if gamma is not None else dy0
+                dx_cls += rstd[:, None] * (dxh0 - dxh0.mean(1, keepdim=True)
+                                           - xh0 * (dxh0 * xh0).mean(1, keepdim=True))
+        if n_xcls and residual:
+            dx_cls += g
+        d_bk = torch.zeros_like(wk[0]) if n_bk else None
+        grads = [dx_cls, dx_tokens, d_gamma, d_beta, d_wq, d_bq, d_wk, d_bk, d_wv, d_bv, d_wo, d_bo]
+        like = [x_cls, x_tokens, norm_weight, norm_bias, wq, wq[0], wk, wk[0], wv, wv[0], wo, wo[0]]
+        return [None if t is None else t.to(r.dtype) for t, r in zip(grads, like)]
+
+
+# ---------------------------------------------------------------------------------------------
+# helpers of the absorbed formulation (shared with the Triton backend's fused forward)
+# ---------------------------------------------------------------------------------------------
+
+def _cast(dtype: torch.dtype, *tensors: Optional[Tensor]):
+    return tuple(t if t is None or t.dtype == dtype else t.to(dtype) for t in tensors)
+
+
+def _absorbed_query(q: Tensor, wk: Tensor, gamma: Optional[Tensor], H: int) -> Tensor:
+    """w_h = s * gamma * (Wk_h^T q_h) for every head, (B, H, C) contiguous: the key projection
+    absorbed into the query and LayerNorm's gamma folded in (s = d^-1/2)."""
+    B, C = q.shape
+    d = C // H
+    u = torch.bmm(q.view(B, H, d).transpose(0, 1), wk.view(H, d, C))                     # (H, B, C)
+    return (u * (gamma * d ** -0.5 if gamma is not None else d ** -0.5)).transpose(0, 1).contiguous()
+
+
+def _affine(t: Tensor, gamma: Optional[Tensor], beta: Optional[Tensor]) -> Tensor:
+    if gamma is not None and beta is not None:
+        return torch.addcmul(beta, t, gamma)
+    if gamma is not None:
+        return t * gamma
+    if beta is not None:
+        return t + beta
+    return t

@@ -1,0 +1,136 @@
+"""Backends ``cpp`` and ``cuda``: the optional compiled extension, and its one loader.
+
+Two extension modules may be built by setup.py (csrc/):
+
+* ``crossvit_kernels._C_cpu``  -- C++ CPU kernels (backend ``"cpp"``: OpenMP, vectorised, results
+  independent of the thread count)
+* ``crossvit_kernels._C_cuda`` -- CUDA kernels (backend ``"cuda"``: the fallback for CUDA tensors
+  where Triton is missing)
+
+This module is the only importer of either. Nothing is imported when it is imported; each
+extension is imported the first time its backend is asked for, once, under a lock. A failure is
+remembered with its reason and never raised from here:
+
+* not built (the module does not exist): a normal state, e.g. a pure-Python install;
+* broken (ImportError or OSError while loading, e.g. ``undefined symbol`` after a torch upgrade, a
+  missing CUDA library): the backend's ``unavailable_reason`` raises ImportError, so that the
+  registry reports "failed to import", warns once and falls back.
+
+Both implement the cores; the whole op around them is the inherited absorbed formulation.
+Dtypes: float32, bfloat16 and float16 (float32 accumulation); float64 for patch_embed only.
+"""
+from __future__ import annotations
+
+import importlib
+import threading
+from typing import Dict, NamedTuple, Optional
+
+import torch
+
+from .base import FLOAT_DTYPES, HALF_AND_SINGLE, Backend
+
+__all__ = ["CppBackend", "CudaBackend", "Status", "status"]
+
+MODULES = {"cpu": "crossvit_kernels._C_cpu", "cuda": "crossvit_kernels._C_cuda"}
+
+_REBUILD = ("rebuild it with `pip install --no-build-isolation -e .` against the installed torch, "
+            "or pick another backend (backend='torch')")
+
+
+class Status(NamedTuple):
+    module: Optional[object]   # the extension module, or None
+    reason: Optional[str]      # why it is unavailable, or None
+    broken: bool               # True when it exists but failed to load
+
+
+_lock = threading.Lock()
+_status: Dict[str, Status] = {}
+
+
+def _import(name: str):
+    """Imports one extension module (the single place that does; tests patch it)."""
+    return importlib.import_module(name)
+
+
+def _try_load(kind: str) -> Status:
+    name = MODULES[kind]
+    try:
+        module = _import(name)
+    except ModuleNotFoundError as exc:
+        if exc.name == name:
+            return Status(None, f"the compiled extension {name} is not built (install with "
+                                f"`pip install --no-build-isolation -e .` where a C++ compiler"
+                                f"{' and nvcc are' if kind == 'cuda' else ' is'} available)", False)
+        return Status(None, f"the compiled extension {name} cannot be loaded "
+                            f"(ModuleNotFoundError: {exc}); {_REBUILD}", True)
+    except (ImportError, OSError) as exc:
+        return Status(None, f"the compiled extension {name} cannot be loaded "
+                            f"({type(exc).__name__}: {exc}); {_REBUILD}", True)
+    return Status(module, None, False)
+
+
+def status(kind: str) -> Status:
+    """The load status of extension ``kind`` ("cpu" or "cuda"), importing it on first call."""
+    if kind not in MODULES:
+        raise ValueError(f"unknown extension kind {kind!r}: choose one of {tuple(MODULES)}")
+    st = _status.get(kind)
+    if st is None:
+        with _lock:
+            st = _status.get(kind)
+            if st is None:
+                st = _try_load(kind)
+                _status[kind] = st
+    return st
+
+
+class _ExtensionBackend(Backend):
+    kind = ""
+    dtypes = {"cross_attention": HALF_AND_SINGLE, "patch_embed": FLOAT_DTYPES}
+    why_not = {"cross_attention": "no float64 kernel: backend='torch' runs float64"}
+
+    def unavailable_reason(self) -> Optional[str]:
+        st = status(self.kind)
+        if st.broken:  # built but not loadable: the registry reports "failed to import" and warns once
+            raise ImportError(st.reason)
+        if st.module is not None:
+            self._ext = st.module
+        return st.reason
+
+    def cross_attention_core_forward(self, x_cls, x_tokens, w, eps):
+        z, lse, _, _ = self._ext.cross_attention_core_forward(x_cls, x_tokens, w, float(eps))
+        return z, lse
+
+    def cross_attention_core_backward(self, x_cls, x_tokens, w, z, lse, dz, eps):
+        mean, rstd = _token_stats(x_cls, x_tokens, eps)
+        return self._ext.cross_attention_core_backward(x_cls, x_tokens, w, z, lse, mean, rstd, dz)
+
+    def patch_embed_forward(self, images, weight, bias, pos_embed, cls_token):
+        return self._ext.patch_embed_forward(images, weight, bias, pos_embed, cls_token)
+
+    def patch_embed_backward(self, grad_out, images, weight, has_bias, needs_images_grad):
+        return self._ext.patch_embed_backward(grad_out, images, weight, bool(has_bias), bool(needs_images_grad))
+
+
+def _token_stats(x_cls, x_tokens, eps):
+    x = torch.cat([x_cls.unsqueeze(1), x_tokens], 1).float()
+    var, mean = torch.var_mean(x, dim=-1, correction=0)
+    return mean, torch.rsqrt(var + eps)
+
+
+class CppBackend(_ExtensionBackend):
+    name = "cpp"
+    kind = "cpu"
+    devices = ("cpu",)
+
+
+class CudaBackend(_ExtensionBackend):
+    name = "cuda"
+    kind = "cuda"
+    devices = ("cuda",)
+
+    def unavailable_reason(self) -> Optional[str]:
+        if torch.version.cuda is None:
+            return "torch is a CPU-only build (torch.version.cuda is None)"
+        if not torch.cuda.is_available():
+            return "no CUDA GPU is available (torch.cuda.is_available() is False)"
+        return super().unavailable_reason()

@@ -1,1 +1,0 @@
-"""Backend implementations (one module per backend; see crossvit_kernels.backends)."""
