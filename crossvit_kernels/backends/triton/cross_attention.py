@@ -167,10 +167,6 @@ def _cross_attention_fwd_kernel(
                                  stride_cls_b, stride_cls_c, stride_tok_b, stride_tok_m, stride_tok_c,
                                  n0 == 0, acc_ty)
         xh, _ = _normalize(x, cmask, C, eps)
-        # Without this barrier ptxas (sm_90) interleaves the normalisation with the staging of the
-        # dot operands and spills at C_PAD 512 (255 registers, about 300 bytes, bfloat16 tokens);
-        # with it the same program takes 178 registers and spills nothing.
-        tl.debug_barrier()
         if PREFETCH:
             # Software pipelining in registers: tile t + 1 (masked off past the split) loads while
             # tile t's scores, softmax and products run, so one load is in flight per program.
@@ -179,6 +175,10 @@ def _cross_attention_fwd_kernel(
             # in the input dtype, half the registers of a float32 tile for float16/bfloat16.
             x_next = _load_patch_tokens(x_tok_ptr, b, offs_n + BLOCK_N, offs_c, n_end, C,
                                         stride_tok_b, stride_tok_m, stride_tok_c)
+        # Without this barrier ptxas (sm_90, Triton 3.6 and 3.8) interleaves the normalisation with
+        # the staging of the dot operands and spills at C_PAD 512 (255 registers, about 300 bytes
+        # for bfloat16 tokens); with it the same program takes 178-202 registers and spills nothing.
+        tl.debug_barrier()
         # scores of all heads, online softmax per head
         if HEAD_LOOP:
             scores = _scores_by_head(w_ptr + b * H * C, xh, offs_c, offs_h, C, H, BLOCK_N, H_PAD)
