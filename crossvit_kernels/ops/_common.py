@@ -94,3 +94,10 @@ def plain_eager(tensors: Sequence[Optional[Tensor]]) -> bool:
         if t is not None and type(t) is not Tensor and type(t) is not torch.nn.Parameter:
             return False
     return True
+
+
+def traced_as_aten() -> bool:
+    """Whether the ops must run as standard PyTorch operators, not as custom ops: under ONNX export
+    (the exported graph must hold only standard ONNX operators) and under torch.func transforms
+    (grad, vmap, jacrev: they differentiate and batch standard operators themselves)."""
+    return torch.onnx.is_in_onnx_export() or torch._C._functorch.peek_interpreter_stack() is not None

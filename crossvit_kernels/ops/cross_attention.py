@@ -15,7 +15,8 @@ import torch
 from .. import backends as _backends
 from ..backends.base import FLOAT_DTYPES, acc_dtype
 from ..backends.reference import ReferenceBackend
-from ._common import autocast_device, check_backend_arg, check_same, check_tensor, plain_eager, promote_floats
+from ._common import (autocast_device, check_backend_arg, check_same, check_tensor, plain_eager, promote_floats,
+                      traced_as_aten)
 
 Tensor = torch.Tensor
 
@@ -74,7 +75,8 @@ def cross_attention(
     The fused backends never form K, V or the concatenation: the key projection is absorbed into
     the query and the value projection applied after the weighted sum (docs/design.md, section
     2), so the key bias cannot change the output; it still receives its (exactly zero) gradient.
-    Under ONNX export the op is traced as that absorbed formulation in standard operators.
+    Under ONNX export and torch.func transforms the op runs as that absorbed formulation in
+    standard operators (see :func:`crossvit_kernels.ops._common.traced_as_aten`).
     """
     return _cross_attention(x_cls, x_tokens, norm_weight, norm_bias, wq, bq, wk, bk, wv, bv, wo, bo,
                             num_heads, eps, backend, residual=True)
@@ -105,8 +107,8 @@ def _cross_attention(x_cls, x_tokens, norm_weight, norm_bias, wq, bq, wk, bk, wv
         # an empty batch has nothing to fuse: the textbook form gives the empty result and its graph
         return ReferenceBackend.cross_attention(x_cls, x_tokens, norm_weight, norm_bias, wq, bq, wk, bk, wv, bv, wo,
                                                 bo, num_heads, eps, residual, attn_drop if training else 0.0)
-    if torch.onnx.is_in_onnx_export():
-        # the absorbed formulation in standard operators: no custom op in the exported graph
+    if traced_as_aten():
+        # the absorbed formulation in standard, differentiable operators: no custom op in the graph
         return _backends.get_backend("torch").cross_attention_forward(
             x_cls, x_tokens, norm_weight, norm_bias, wq, bq, wk, wv, bv, wo, bo, num_heads, eps, residual)[0]
     name = _backends.resolve_backend("cross_attention", name, x_cls.device, x_cls.dtype)

@@ -12,7 +12,8 @@ import torch
 
 from .. import backends as _backends
 from ..backends.reference import ReferenceBackend
-from ._common import autocast_device, check_backend_arg, check_same, check_tensor, plain_eager, promote_floats
+from ._common import (autocast_device, check_backend_arg, check_same, check_tensor, plain_eager, promote_floats,
+                      traced_as_aten)
 
 Tensor = torch.Tensor
 
@@ -63,8 +64,8 @@ def patch_embed(
     pos_embed = pos_embed.reshape(-1, C)
     cls_token = cls_token.reshape(C)
     name = _backends.check_name(backend if backend is not None else _backends.get_default_backend())
-    if name == "reference" or images.shape[0] == 0 or torch.onnx.is_in_onnx_export():
-        # an empty batch has nothing to fuse; ONNX has the convolution as one standard operator
+    if name == "reference" or images.shape[0] == 0 or traced_as_aten():
+        # an empty batch has nothing to fuse; ONNX and torch.func take the convolution as it is
         return ReferenceBackend.patch_embed(images, weight, bias, pos_embed, cls_token)
     name = _backends.resolve_backend("patch_embed", name, images.device, images.dtype)
     args = (images, weight, bias, pos_embed, cls_token)
