@@ -2,6 +2,7 @@
 # (requirements-dev.txt) and the package (building the optional compiled extension), then runs.
 #   make test    the whole test suite (CPU; Triton kernels under TRITON_INTERPRET=1)
 #   make bench   the benchmark suite: prints tables, writes JSON + plots to benchmarks/out/
+#   make lint    ruff over the repository (configuration in pyproject.toml)
 # Variables: PYTHON (interpreter that creates the venv), PYTEST_ARGS, BENCH_ARGS,
 # CROSSVIT_KERNELS_NO_EXT=1 (skip the extension build), MAX_JOBS (build parallelism),
 # TRITON_COMPAT (the Triton release of the GPU machine; `make test` installs it under
@@ -18,7 +19,7 @@ EXT_SOURCES := $(wildcard csrc/*.cpp csrc/*.h csrc/*.cu csrc/*.cuh)
 TRITON_COMPAT ?= 3.6.0
 COMPAT_STAMP := $(if $(TRITON_COMPAT),.triton-compat/$(TRITON_COMPAT)/.stamp)
 
-.PHONY: test bench install info clean
+.PHONY: test bench lint install info clean
 
 $(VENV)/.deps-stamp: requirements-dev.txt
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -45,6 +46,9 @@ test: install $(COMPAT_STAMP)
 
 bench: install
 	$(PY) benchmarks/run.py $(BENCH_ARGS)
+
+lint: $(VENV)/.deps-stamp
+	$(VENV)/bin/ruff check .
 
 info: install
 	$(PY) -m crossvit_kernels.info

@@ -85,7 +85,8 @@ def main(argv=None) -> int:
             print(f"  {k}={v}")
     print("devices:")
     for d in info["devices"]:
-        extra = f" (sm {d['capability']}, {d['memory_gib']} GiB)" if d["type"] == "cuda" else f" ({d['threads']} threads)"
+        extra = (f" (sm {d['capability']}, {d['memory_gib']} GiB)" if d["type"] == "cuda"
+                 else f" ({d['threads']} threads)")
         print(f"  {d['type']}{':' + str(d['index']) if 'index' in d else ''}  {d['name']}{extra}")
     print("backends:")
     for name, status in info["backends"].items():

@@ -9,7 +9,6 @@ modules call them, and so do the timm modules that :func:`crossvit_kernels.patch
 """
 from __future__ import annotations
 
-import math
 from typing import Optional, Tuple, Type, Union
 
 import torch

@@ -32,7 +32,6 @@ from typing import Dict, List, Optional
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
 from . import backends as _backends
 from .models.fusion import fuse_cross_attention

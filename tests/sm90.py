@@ -107,7 +107,8 @@ def compile_core_kernel(which: str, dtype: str, C: int, H: int, split: bool = Fa
         num_warps = cfg["num_warps"]
         estimate = K._smem_bytes(which, cfg["BLOCK_N"], c_pad, h_pad, elem, cfg["HEAD_LOOP"])
     else:
-        kernel = K._cross_attention_fwd_combine_kernel if which == "fwd_combine" else K._cross_attention_dw_combine_kernel
+        kernel = (K._cross_attention_fwd_combine_kernel if which == "fwd_combine"
+                  else K._cross_attention_dw_combine_kernel)
         cfg, estimate, num_warps = {}, None, 4
         consts = dict(S_PAD=8, BLOCK_C=128) if which == "fwd_combine" else dict(BLOCK=1024)
         types = {n: "*" + acc for n in kernel.arg_names if n.endswith("_ptr")}

@@ -320,7 +320,7 @@ def test_compile_fullgraph_inference_and_training(which):
     y_e.square().sum().backward()
     torch.testing.assert_close(y_c, y_e, rtol=1e-5, atol=1e-5)
     for n, p in model.named_parameters():
-        torch.testing.assert_close(g_c[n], p.grad, rtol=1e-4, atol=1e-5, msg=lambda m: f"{n}: {m}")
+        torch.testing.assert_close(g_c[n], p.grad, rtol=1e-4, atol=1e-5, msg=lambda m, n=n: f"{n}: {m}")
     print(f"compile + run ({which}, inference and training): {time.perf_counter() - t0:.1f} s")
 
 
@@ -356,7 +356,7 @@ def test_cuda_graphs_reduce_overhead(which):
     y_e.square().sum().backward()
     torch.testing.assert_close(y.detach(), y_e.detach(), rtol=1e-4, atol=1e-4)
     for n, p in model.named_parameters():
-        torch.testing.assert_close(g_c[n], p.grad, rtol=1e-3, atol=1e-4, msg=lambda m: f"{n}: {m}")
+        torch.testing.assert_close(g_c[n], p.grad, rtol=1e-3, atol=1e-4, msg=lambda m, n=n: f"{n}: {m}")
 
 
 # ---------------------------------------------------------------------------------------------

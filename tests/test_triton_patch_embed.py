@@ -323,7 +323,7 @@ def _compile_check(arch: int = 90) -> None:
     seen = set()
     for B, Cin, H, W, C, ph, pw, dtype in COMPILE_SHAPES:
         P = (H // ph) * (W // pw)
-        z = lambda *s: torch.zeros(*s, dtype=dtype)  # noqa: E731
+        z = lambda *s, dtype=dtype: torch.zeros(*s, dtype=dtype)  # noqa: E731
         log.clear()
         tpe.patch_embed_forward(z(B, Cin, H, W), z(C, Cin, ph, pw), z(C), z(1 + P, C), z(C))
         tpe.patch_embed_backward(z(B, 1 + P, C), z(B, Cin, H, W), z(C, Cin, ph, pw), True, True)

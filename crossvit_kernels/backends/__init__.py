@@ -95,8 +95,9 @@ def _default_from_env() -> str:
         raise ValueError(f"environment variable {ENV_VAR}={value!r} is invalid: {exc}") from None
 
 
+_ENV_DEFAULT: str = _default_from_env()
 _default_backend: contextvars.ContextVar[str] = contextvars.ContextVar("crossvit_kernels_backend",
-                                                                       default=_default_from_env())
+                                                                       default=_ENV_DEFAULT)
 
 
 def get_default_backend() -> str:
@@ -189,7 +190,8 @@ def resolve_backend(op: str, requested: Optional[str], device: torch.device, dty
                 _warn_skipped_once(op, device, candidate, skipped)
             return candidate
         skipped.append((candidate, reason))
-    raise RuntimeError(f"no backend can run {op} on {device.type} {dtype}: " + "; ".join(f"{n}: {r}" for n, r in skipped))
+    reasons = "; ".join(f"{n}: {r}" for n, r in skipped)
+    raise RuntimeError(f"no backend can run {op} on {device.type} {dtype}: {reasons}")
 
 
 def _warn_skipped_once(op: str, device: torch.device, chosen: str, skipped) -> None:

@@ -15,11 +15,14 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..modules import Block, PatchEmbed
-from .fusion import FUSIONS, Fusion, check_fusion
+from .fusion import Fusion, check_fusion
 
 Tensor = torch.Tensor
 
 __all__ = ["CrossViT", "MultiScaleBlock", "scale_image"]
+
+
+_LAYER_NORM = partial(nn.LayerNorm, eps=1e-6)   # CrossViT's norm layer (timm's default)
 
 
 def _pair(x):
@@ -102,7 +105,7 @@ class CrossViT(nn.Module):
         proj_drop_rate: float = 0.0,
         attn_drop_rate: float = 0.0,
         drop_path_rate: float = 0.0,
-        norm_layer: Type[nn.Module] = partial(nn.LayerNorm, eps=1e-6),
+        norm_layer: Type[nn.Module] = _LAYER_NORM,
         global_pool: str = "token",
         fusion: str = "cross_attention",
         backend: Optional[str] = None,

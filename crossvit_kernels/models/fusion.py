@@ -37,7 +37,7 @@ there), as in the paper's cross-attention formulation and timm's implementation.
 """
 from __future__ import annotations
 
-from typing import List, Sequence, Tuple, Type
+from typing import List, Sequence, Tuple
 
 import torch
 import torch.nn as nn
@@ -102,15 +102,13 @@ class Fusion(nn.Module):
             fusion_modules = []
             for d in range(nb):
                 d_ = (d + 1) % nb
-
-                def make():
-                    return CrossAttentionBlock(dim[d_], num_heads[d_], mlp_ratio=mlp_ratio[d], qkv_bias=qkv_bias,
-                                               proj_drop=proj_drop, attn_drop=attn_drop, drop_path=drop_path,
-                                               norm_layer=norm_layer, **dd)
+                blocks = [CrossAttentionBlock(dim[d_], num_heads[d_], mlp_ratio=mlp_ratio[d], qkv_bias=qkv_bias,
+                                              proj_drop=proj_drop, attn_drop=attn_drop, drop_path=drop_path,
+                                              norm_layer=norm_layer, **dd)
+                          for _ in range(max(1, fusion_depth))]
                 # timm: a single block when the fusion depth is 0 (every published model), else a
                 # Sequential of `fusion_depth` blocks (kept for checkpoint compatibility).
-                fusion_modules.append(make() if fusion_depth == 0 else
-                                      nn.Sequential(*[make() for _ in range(fusion_depth)]))
+                fusion_modules.append(blocks[0] if fusion_depth == 0 else nn.Sequential(*blocks))
             self.fusion = nn.ModuleList(fusion_modules)
         self.revert_projs = nn.ModuleList([projection(dim[(d + 1) % nb], dim[d], norm_layer, act_layer, dd)
                                            for d in range(nb)])

@@ -218,10 +218,10 @@ def _cross_attention_fwd_combine_kernel(
     offs_s = tl.arange(0, S_PAD)
     smask = offs_s < S
     m = tl.load(part_m_ptr + (b * S + offs_s) * H + h, mask=smask, other=float("-inf"))
-    l = tl.load(part_l_ptr + (b * S + offs_s) * H + h, mask=smask, other=0.0)
+    den = tl.load(part_l_ptr + (b * S + offs_s) * H + h, mask=smask, other=0.0)
     m_max = tl.max(m, 0)
     scale = tl.exp(m - m_max)                                                   # 0 on padded splits
-    denom = tl.sum(l * scale, 0)
+    denom = tl.sum(den * scale, 0)
     tl.store(lse_ptr + b * H + h, m_max + tl.log(denom))
     coef = scale / denom
     for c0 in range(0, C, BLOCK_C):
