@@ -1,7 +1,7 @@
 """patch_timm / unpatch_timm: in place, this instance only, state_dict unchanged, timm's logits and
 gradients to float32 rounding, torch.compile(fullgraph=True), clear errors.
 
-Criterion for parity (STYLE.md): the patched float32 model's error against a float64 copy of the
+Criterion for parity (docs/design.md, section 7): the patched float32 model's error against a float64 copy of the
 unpatched model is at most a few times the unpatched float32 model's own error, plus a small floor.
 """
 import copy
