@@ -144,10 +144,11 @@ def _load(name: str) -> Optional[Backend]:
 
 
 def get_backend(name: str) -> Backend:
-    """The :class:`Backend` object of ``name`` (not "auto"), or a RuntimeError saying why it is unavailable."""
+    """The :class:`Backend` object of ``name`` (not "auto"); NotImplementedError (a RuntimeError)
+    saying why when it is unavailable on this machine."""
     backend = _loaded.get(name) or _load(check_name(name, allow_auto=False))
     if backend is None:
-        raise RuntimeError(f"backend {name!r} is unavailable: {_load_errors[name]}")
+        raise NotImplementedError(f"backend {name!r} is unavailable: {_load_errors[name]}")
     return backend
 
 
@@ -174,13 +175,14 @@ def resolve_backend(op: str, requested: Optional[str], device: torch.device, dty
     """The concrete backend that runs ``op`` for inputs on ``device`` of ``dtype``.
 
     ``requested`` None means the current default (``use_backend`` / ``CROSSVIT_KERNELS_BACKEND``).
-    An explicitly requested backend that cannot run the inputs raises RuntimeError saying why.
+    An explicitly requested backend that cannot run the inputs, or inputs no backend can run, raise
+    NotImplementedError (a RuntimeError) saying why.
     """
     name = check_name(requested if requested is not None else _default_backend.get())
     if name != "auto":
         reason = supports(name, op, device, dtype)
         if reason is not None:
-            raise RuntimeError(f"backend {name!r} cannot run {op} on {device.type} {dtype}: {reason}")
+            raise NotImplementedError(f"backend {name!r} cannot run {op} on {device.type} {dtype}: {reason}")
         return name
     skipped = []
     for candidate in _PREFERENCE.get(device.type, ("torch",)):
@@ -191,7 +193,7 @@ def resolve_backend(op: str, requested: Optional[str], device: torch.device, dty
             return candidate
         skipped.append((candidate, reason))
     reasons = "; ".join(f"{n}: {r}" for n, r in skipped)
-    raise RuntimeError(f"no backend can run {op} on {device.type} {dtype}: {reasons}")
+    raise NotImplementedError(f"no backend can run {op} on {device.type} {dtype}: {reasons}")
 
 
 def _warn_skipped_once(op: str, device: torch.device, chosen: str, skipped) -> None:

@@ -11,7 +11,9 @@ absorbed formulation around the core. ``patch_embed.py`` holds the patch embeddi
 """
 from __future__ import annotations
 
+import contextlib
 import os
+import threading
 from typing import Optional
 
 import torch
@@ -21,6 +23,16 @@ from ..base import FLOAT_DTYPES, HALF_AND_SINGLE, Backend
 
 def _interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+# The interpreter swaps module-level state of triton.language while it runs a kernel, so two
+# threads interpreting at once break each other: under TRITON_INTERPRET=1 the backend runs one
+# call at a time (a compiled kernel on a GPU needs no such lock).
+_INTERPRETER_LOCK = threading.RLock()
+
+
+def _serialized():
+    return _INTERPRETER_LOCK if _interpreting() else contextlib.nullcontext()
 
 
 class TritonBackend(Backend):
@@ -45,19 +57,24 @@ class TritonBackend(Backend):
     def cross_attention_forward(self, x_cls, x_tokens, norm_weight, norm_bias, wq, bq, wk, wv, bv, wo, bo,
                                 num_heads, eps, residual):
         if x_cls.dtype in HALF_AND_SINGLE and self._proj.fused_projections_enabled():
-            return self._proj.cross_attention_forward_fused(x_cls, x_tokens, norm_weight, norm_bias, wq, bq, wk, wv,
-                                                            bv, wo, bo, num_heads, eps, residual)
+            with _serialized():
+                return self._proj.cross_attention_forward_fused(x_cls, x_tokens, norm_weight, norm_bias, wq, bq, wk,
+                                                                wv, bv, wo, bo, num_heads, eps, residual)
         return super().cross_attention_forward(x_cls, x_tokens, norm_weight, norm_bias, wq, bq, wk, wv, bv, wo, bo,
                                                num_heads, eps, residual)
 
     def cross_attention_core_forward(self, x_cls, x_tokens, w, eps):
-        return self._core.cross_attention_core_forward(x_cls, x_tokens, w, eps)
+        with _serialized():
+            return self._core.cross_attention_core_forward(x_cls, x_tokens, w, eps)
 
     def cross_attention_core_backward(self, x_cls, x_tokens, w, z, lse, dz, eps):
-        return self._core.cross_attention_core_backward(x_cls, x_tokens, w, z, lse, dz, eps)
+        with _serialized():
+            return self._core.cross_attention_core_backward(x_cls, x_tokens, w, z, lse, dz, eps)
 
     def patch_embed_forward(self, images, weight, bias, pos_embed, cls_token):
-        return self._patch.patch_embed_forward(images, weight, bias, pos_embed, cls_token)
+        with _serialized():
+            return self._patch.patch_embed_forward(images, weight, bias, pos_embed, cls_token)
 
     def patch_embed_backward(self, grad_out, images, weight, has_bias, needs_images_grad):
-        return self._patch.patch_embed_backward(grad_out, images, weight, has_bias, needs_images_grad)
+        with _serialized():
+            return self._patch.patch_embed_backward(grad_out, images, weight, has_bias, needs_images_grad)
