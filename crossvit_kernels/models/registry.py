@@ -83,22 +83,66 @@ def convert_checkpoint(state_dict: Dict[str, torch.Tensor]) -> Dict[str, torch.T
 
 
 def load_checkpoint(model: CrossViT, path: Union[str, os.PathLike], strict: bool = True):
-    """Load a local checkpoint file (timm or IBM format; ``.pth``/``.pt``/``.bin`` via torch.load
-    with ``weights_only=True``, or ``.safetensors``). Nothing is ever downloaded."""
+    """Load a local checkpoint file into ``model`` (timm or IBM format; ``.pth``/``.pt``/``.bin``
+    via ``torch.load(weights_only=True)``, or ``.safetensors``). Nothing is ever downloaded.
+
+    The whole checkpoint is checked against the model before any parameter is written: a file that
+    cannot be read (truncated, not a checkpoint, unsafe to unpickle), a file holding no state dict,
+    missing or unexpected keys (with ``strict``) and shape mismatches raise a ValueError naming the
+    file and listing the problems, and leave the model untouched. Returns the
+    ``load_state_dict`` result (missing and unexpected keys)."""
     path = os.fspath(path)
     if not os.path.isfile(path):
         raise FileNotFoundError(f"checkpoint file not found: {path!r} (pretrained= takes a local file; "
                                 f"nothing is downloaded)")
-    if path.endswith(".safetensors"):
-        try:
-            from safetensors.torch import load_file
-        except ImportError as exc:
-            raise ImportError("loading .safetensors files needs the 'safetensors' package") from exc
-        state = load_file(path, device="cpu")
-    else:
-        state = torch.load(path, map_location="cpu", weights_only=True)
+    try:
+        if path.endswith(".safetensors"):
+            try:
+                from safetensors.torch import load_file
+            except ImportError as exc:
+                raise ImportError("loading .safetensors files needs the 'safetensors' package") from exc
+            state = load_file(path, device="cpu")
+        else:
+            state = torch.load(path, map_location="cpu", weights_only=True)
+    except ImportError:
+        raise
+    except Exception as exc:  # truncated zip, a text file, a pickle that weights_only refuses, ...
+        detail = (str(exc).strip().splitlines() or [""])[0]
+        raise ValueError(f"cannot read the checkpoint {path!r}: it is truncated, not a PyTorch checkpoint, or "
+                         f"holds objects other than tensors ({type(exc).__name__}: {detail})") from exc
+    if not isinstance(state, dict):
+        raise ValueError(f"the checkpoint {path!r} holds a {type(state).__name__}, not a state dict")
     state = convert_checkpoint(state)
+    problems = _mismatches(model, state, strict)
+    if problems:
+        raise ValueError(f"the checkpoint {path!r} does not fit this model ({type(model).__name__}); nothing was "
+                         f"loaded:\n  " + "\n  ".join(problems))
     return model.load_state_dict(state, strict=strict)
+
+
+def _mismatches(model: torch.nn.Module, state: Dict[str, object], strict: bool) -> List[str]:
+    """What keeps ``state`` from loading into ``model``, one line per kind of problem."""
+    own = model.state_dict()
+    problems = []
+    not_tensors = sorted(k for k, v in state.items() if not isinstance(v, torch.Tensor))
+    if not_tensors:
+        problems.append(f"{len(not_tensors)} entries are not tensors: {_listing(not_tensors)}")
+    shapes = sorted(f"{k}: checkpoint {tuple(v.shape)}, model {tuple(own[k].shape)}" for k, v in state.items()
+                    if k in own and isinstance(v, torch.Tensor) and v.shape != own[k].shape)
+    if shapes:
+        problems.append(f"{len(shapes)} shape mismatches: {_listing(shapes)}")
+    if strict:
+        missing = sorted(set(own) - set(state))
+        unexpected = sorted(set(state) - set(own))
+        if missing:
+            problems.append(f"{len(missing)} missing keys: {_listing(missing)}")
+        if unexpected:
+            problems.append(f"{len(unexpected)} unexpected keys: {_listing(unexpected)}")
+    return problems
+
+
+def _listing(items: List[str], most: int = 8) -> str:
+    return ", ".join(items[:most]) + (f", ... ({len(items) - most} more)" if len(items) > most else "")
 
 
 def create_model(name: str, pretrained: Optional[Union[str, os.PathLike]] = None, fusion: str = "cross_attention",
