@@ -267,6 +267,8 @@ def render(doc: dict) -> str:
                      f"{doc.get('load_average_end')}")
     for n in doc.get("notes", []):
         lines.append(f"- note: {n}")
+    if doc.get("partial"):
+        lines.append("- PARTIAL: the run stopped before its end (a time limit); the tables hold what it measured")
     if doc.get("failed"):
         lines.append(f"- FAILED: {', '.join(doc['failed'])}")
     parts = ["\n".join(lines)]
@@ -279,9 +281,11 @@ def render(doc: dict) -> str:
         for sec, fn in (("cross_attention", lambda s: _cross_attention(dname, s, roof)),
                         ("patch_embed", lambda s: _patch_embed(dname, s, roof)),
                         ("fusion", lambda s: _fusion(dname, s)), ("scaling", lambda s: _scaling(dname, s))):
-            if sec in per:
-                parts.append(fn(per[sec]) if "error" not in per[sec] else f"### {sec} ({dname}): FAILED: "
-                                                                          f"{per[sec]['error']}")
+            if sec in per and "error" in per[sec]:
+                parts.append(f"### {sec} ({dname}): FAILED: {per[sec]['error']}")
+            elif sec in per:
+                parts.append(fn(per[sec]) + ("\n\n(partial: the run stopped inside this section)"
+                                             if per[sec].get("partial") else ""))
     if doc.get("e2e"):
         parts.append(_e2e(doc["e2e"]))
     if doc.get("errors"):

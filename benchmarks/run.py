@@ -125,6 +125,14 @@ class Ctx:
         self.roof: dict = {}
         self.errors: List[dict] = []
         self.samples: List[dict] = []
+        self.per: Dict[str, dict] = {}   # the current dtype's sections
+        self.save = lambda: None         # writes the results so far (set by main)
+
+    def checkpoint(self, section: str, partial: dict) -> None:
+        """Record a section's rows so far and write the results file: a run stopped by a time
+        limit keeps what it measured."""
+        self.per[section] = dict(partial, partial=True)
+        self.save()
 
     @property
     def dname(self) -> str:
@@ -218,7 +226,7 @@ def section_cross_attention(ctx: Ctx) -> dict:
     models = harness.models_matching(ctx.args.models.split(",") if ctx.args.models else ctx.cfg["models"])
     status = _impls(ctx, "cross_attention")
     impls = [k for k, v in status.items() if v == "available"]
-    shapes = harness.fusion_shapes(models)
+    shapes = _headline_first(harness.fusion_shapes(models))
     ctx.log(f"cross_attention: {len(shapes)} shapes; variants: {impls}; not run: "
             + (", ".join(f"{k} ({v})" for k, v in status.items() if v != "available") or "-"))
     rows = []
@@ -247,9 +255,11 @@ def section_cross_attention(ctx: Ctx) -> dict:
                 del fns
             del t
             _free(ctx)
-    return {"variants": status,
-            "shapes": harness.make_table(("N", "C", "H", "uses"), shapes),
-            "rows": harness.make_table(("N", "C", "H", "B", "mode", "impl") + TIMING_COLUMNS, rows)}
+            result = {"variants": status,
+                      "shapes": harness.make_table(("N", "C", "H", "uses"), shapes),
+                      "rows": harness.make_table(("N", "C", "H", "B", "mode", "impl") + TIMING_COLUMNS, rows)}
+            ctx.checkpoint("cross_attention", result)
+    return result
 
 
 def section_patch_embed(ctx: Ctx) -> dict:
@@ -257,7 +267,7 @@ def section_patch_embed(ctx: Ctx) -> dict:
     models = harness.models_matching(ctx.args.models.split(",") if ctx.args.models else ctx.cfg["models"])
     status = _impls(ctx, "patch_embed")
     impls = [k for k, v in status.items() if v == "available"]
-    shapes = harness.patch_embed_shapes(models)
+    shapes = _headline_first(harness.patch_embed_shapes(models))
     ctx.log(f"patch_embed: {len(shapes)} inputs; variants: {impls}")
     rows = []
     for si, shp in enumerate(shapes):
@@ -274,9 +284,20 @@ def section_patch_embed(ctx: Ctx) -> dict:
                 ctx.log("   " + mode + ": " + ", ".join(f"{k} {_ms(v)}" for k, v in timings.items()))
             del t
             _free(ctx)
-    return {"variants": status,
-            "shapes": harness.make_table(("img", "patch", "C", "uses"), shapes),
-            "rows": harness.make_table(("img", "patch", "C", "B", "mode", "impl") + TIMING_COLUMNS, rows)}
+            result = {"variants": status,
+                      "shapes": harness.make_table(("img", "patch", "C", "uses"), shapes),
+                      "rows": harness.make_table(("img", "patch", "C", "B", "mode", "impl") + TIMING_COLUMNS, rows)}
+            ctx.checkpoint("patch_embed", result)
+    return result
+
+
+def _headline_first(shapes: List[dict]) -> List[dict]:
+    """The headline model's shapes first, then the fusion model's, then the others (a run stopped
+    by a time limit has measured the shapes the tables quote)."""
+    def rank(s):
+        uses = " ".join(s["uses"])
+        return 0 if HEADLINE_MODEL + "/" in uses else 1 if FUSION_MODEL + "/" in uses else 2
+    return sorted(shapes, key=rank)
 
 
 def _ms(t: dict) -> str:
@@ -601,13 +622,26 @@ def main(argv=None) -> int:
     doc = {"schema": SCHEMA, "mode": "quick" if args.quick else "full", "tag": tag, "environment": env,
            "load": args.load, "argv": sys.argv[1:] if argv is None else list(argv), "notes": notes,
            "settings": {k: v for k, v in cfg.items() if k != "model_kwargs"}, "by_dtype": {}, "section_seconds": {},
-           "failed": []}
+           "failed": [], "errors": ctx.errors, "partial": True}
+    path = os.path.join(out, "results.json")
+    dest = (args.results_dir or os.path.join(harness.RESULTS_DIR, tag)) if args.results else None
+    if dest and os.path.exists(os.path.join(dest, "results.json")):
+        # this run replaces the sections; the end-to-end rows merged there earlier stay
+        old = harness.read_results(os.path.join(dest, "results.json"))
+        if old.get("e2e"):
+            doc["e2e"] = old["e2e"]
+
+    def save():
+        harness.write_results(path, doc)
+        if dest:
+            harness.write_results(os.path.join(dest, "results.json"), doc)
+    ctx.save = save
     status = 0
     with load.generate(args.load, log=ctx.log):
         for dtype in dtypes:
             ctx.dtype = dtype
             per: Dict[str, dict] = {}
-            doc["by_dtype"][ctx.dname] = per
+            doc["by_dtype"][ctx.dname] = ctx.per = per
             for sec in sections:
                 snap, t0 = monitor.snapshot(), time.perf_counter()
                 ctx.log(f"== section {sec} ({ctx.dname}) ==")
@@ -615,7 +649,7 @@ def main(argv=None) -> int:
                     per[sec] = globals()[f"section_{sec}"](ctx)
                 except Exception as exc:  # one broken section must not hide the others
                     traceback.print_exc()
-                    per[sec] = {"error": f"{type(exc).__name__}: {exc}"[:500]}
+                    per[sec] = dict(per.get(sec, {}), error=f"{type(exc).__name__}: {exc}"[:500])
                     doc["failed"].append(f"{ctx.dname}/{sec}")
                     status = 1
                     if sec == "roofline":
@@ -623,8 +657,9 @@ def main(argv=None) -> int:
                 doc["section_seconds"][f"{ctx.dname}/{sec}"] = {
                     "elapsed_s": round(time.perf_counter() - t0, 1),
                     "other_processes_cores": monitor.others_cores(snap)}
+                save()
+    doc.pop("partial")
     doc["runtime_s"] = round(time.perf_counter() - ctx.t0, 1)
-    doc["errors"] = ctx.errors
     if ctx.errors:
         doc["failed"] += sorted({f"{e['dtype']}/{e['section']}/{e['impl']}" for e in ctx.errors})
         status = 1
@@ -637,28 +672,17 @@ def main(argv=None) -> int:
     if others is not None and others > 0.25 and args.load == "none":
         doc["notes"].append(f"machine busy: other processes used {others} cores on average during the run (of "
                             f"{os.cpu_count()}); timings are pessimistic and noisier than on an idle machine")
-    path = os.path.join(out, "results.json")
-    harness.write_results(path, doc)
+    save()
     with open(os.path.join(out, "samples.json"), "w") as f:
         json.dump({"tag": tag, "environment": env, "samples": ctx.samples}, f)
     written = report.write(out, doc, plots=not args.no_plots)
     print(report.render(doc), flush=True)
     ctx.log(f"wrote {path}, samples.json, {', '.join(os.path.basename(w) for w in written)}; runtime "
             f"{doc['runtime_s']} s; other processes used {others} cores on average")
-    if args.results:
-        dest = args.results_dir or os.path.join(harness.RESULTS_DIR, tag)
-        os.makedirs(dest, exist_ok=True)
-        previous = os.path.join(dest, "results.json")
-        if os.path.exists(previous):
-            # this run replaces the sections; the end-to-end rows merged there earlier stay
-            old = harness.read_results(previous)
-            if old.get("e2e") and not doc.get("e2e"):
-                doc["e2e"] = old["e2e"]
-                harness.write_results(path, doc)
-                report.write(out, doc, plots=False)
-        for f in ["results.json"] + [os.path.basename(w) for w in written]:
-            shutil.copy2(os.path.join(out, f), os.path.join(dest, f))
-        ctx.log(f"copied the results to {dest}")
+    if dest:
+        for f in written:
+            shutil.copy2(f, os.path.join(dest, os.path.basename(f)))
+        ctx.log(f"wrote the results to {dest}")
     if doc["failed"]:
         print(f"FAILED: {doc['failed']}", file=sys.stderr)
     return status
