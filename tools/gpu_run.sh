@@ -22,12 +22,17 @@
 #             (bf16:inference bf16:train amp_bf16:train): first timm and ours eager for every
 #             config (fast), then, while the budget lasts, the same with timm + torch.compile and
 #             ours + torch.compile (E2E_COMPILE=0 skips that phase; each compile takes a minute or
-#             more); each CLI call bounded by E2E_LIMIT_S
+#             more); each CLI call bounded by E2E_LIMIT_S (eager) or E2E_COMPILE_LIMIT_S
 #
 # Every step is bounded (*_LIMIT_S, below) and the whole run by GPU_RUN_BUDGET_S (default 540 s,
 # for a 10-minute call); a step that would start with too little budget left is skipped and
-# reported. A failing step is reported and the next one runs; the exit status is non-zero if any
-# step failed or was skipped.
+# reported. Expected on an H100/H200 with 16 cores (from the H100 run; not yet measured for this
+# script): install 100 s, tests 60-150 s, sweep 150-200 s (Triton autotunes each new shape
+# once; the sweep writes its results after every shape and measures CrossViT-18's and -S's
+# shapes first, so a sweep cut by its limit still reports them), e2e eager 30-60 s per config:
+# the default plan fits in about 9 minutes and the compile phase gets what is left (a second
+# call with GPU_RUN_STEPS=install,e2e E2E_CONFIGS=... completes it). A failing step is reported
+# and the next one runs; the exit status is non-zero if any step failed or was skipped.
 #
 # Results: benchmarks/results/<gpu-tag>/ (results.json in the compact format of
 # benchmarks/harness.py, summary.md and plots, rendered by benchmarks/report.py; the end-to-end
@@ -51,7 +56,8 @@
 # Environment: PYTHON (default python3), GPU_RUN_STEPS, GPU_RUN_BUDGET_S, GPU_RUN_DRY, GPU_TESTS,
 # PYTEST_WORKERS (8), TEST_TIMEOUT_S (150), PYTEST_ARGS, SWEEP_ARGS, E2E_MODELS, E2E_BATCH,
 # E2E_CONFIGS, E2E_COMPILE (1), E2E_ITERS (warm-up:timed rounds, 3:10), INSTALL_LIMIT_S (240),
-# TESTS_LIMIT_S (180), SWEEP_LIMIT_S (240), E2E_LIMIT_S (240, each CLI call), DIAG_LIMIT_S (240),
+# TESTS_LIMIT_S (150), SWEEP_LIMIT_S (200), E2E_LIMIT_S (150) and E2E_COMPILE_LIMIT_S (300) per CLI
+# call, DIAG_LIMIT_S (240),
 # PROFILE_LIMIT_S (120), MAX_JOBS (16), CROSSVIT_KERNELS_NO_EXT=1 / CROSSVIT_KERNELS_NO_CUDA=1
 # (build less).
 set -u -o pipefail
@@ -216,7 +222,7 @@ if want tests; then
     esac
     # shellcheck disable=SC2086
     OMP_NUM_THREADS=2 CROSSVIT_KERNELS_TEST_FAIL_LOG="$OUT/test_failures.txt" \
-        step tests "${TESTS_LIMIT_S:-180}" "$PY" -m pytest "${SELECT[@]}" "${PYTEST_OPTS[@]}" ${PYTEST_ARGS:-}
+        step tests "${TESTS_LIMIT_S:-150}" "$PY" -m pytest "${SELECT[@]}" "${PYTEST_OPTS[@]}" ${PYTEST_ARGS:-}
     pack
 fi
 
@@ -229,7 +235,7 @@ if want sweep; then
         DEFAULT_SWEEP="--device cuda --dtypes bf16 --batches 1,64,256"
     fi
     # shellcheck disable=SC2086
-    step sweep "${SWEEP_LIMIT_S:-240}" "$PY" benchmarks/run.py ${SWEEP_ARGS:-$DEFAULT_SWEEP} \
+    step sweep "${SWEEP_LIMIT_S:-200}" "$PY" benchmarks/run.py ${SWEEP_ARGS:-$DEFAULT_SWEEP} \
         --sections cross_attention,patch_embed --out "$WORK/sweep" --results --results-dir "$RESULTS" \
         --note "tools/gpu_run.sh sweep"
     pack
@@ -273,11 +279,13 @@ if want e2e; then
             name="e2e_${phase}_${prec}_${bench}"
             if [ "$phase" = eager ]; then
                 VARIANTS=(--variants timm,ours --no-compile)
+                LIMIT=${E2E_LIMIT_S:-150}
             else
                 VARIANTS=(--variants timm,timm+compile,ours,ours+compile --compile)
+                LIMIT=${E2E_COMPILE_LIMIT_S:-300}
             fi
             # a failed output check still writes the rows (check_ok false): merge whatever was written
-            step "$name" "${E2E_LIMIT_S:-240}" "$PY" -m crossvit_kernels.benchmark --model "${E_MODEL_LIST[@]}" \
+            step "$name" "$LIMIT" "$PY" -m crossvit_kernels.benchmark --model "${E_MODEL_LIST[@]}" \
                 --bench "$bench" --precision "$prec" --batch-size "$E_BATCH" "${E_DEVICE[@]}" "${VARIANTS[@]}" \
                 --no-yardstick --num-warm-iter "${E_ITERS%%:*}" --num-bench-iter "${E_ITERS#*:}" \
                 --results-file "$WORK/$name.json"
