@@ -1,7 +1,8 @@
 # The two commands of the README. Each creates .venv if missing, installs the pinned stack
 # (requirements-dev.txt) and the package (building the optional compiled extension), then runs.
 #   make test    the whole test suite (CPU; Triton kernels under TRITON_INTERPRET=1)
-#   make bench   the benchmark suite: prints tables, writes JSON + plots to benchmarks/out/
+#   make bench   the benchmark suite (benchmarks/run.py): prints the tables, writes results.json,
+#                summary.md and plots to benchmarks/out/<machine>/; BENCH_ARGS=--quick: < 1 minute
 #   make lint    ruff over the repository (configuration in pyproject.toml)
 # Variables: PYTHON (interpreter that creates the venv), PYTEST_ARGS, BENCH_ARGS,
 # CROSSVIT_KERNELS_NO_EXT=1 (skip the extension build), MAX_JOBS (build parallelism),

@@ -1,109 +1,89 @@
-"""The microbenchmark suite of crossvit-kernels (``make bench``).
+"""The benchmark suite of crossvit-kernels: ``make bench`` on a CPU, the kernel sweep on a GPU.
 
-Sections (all measured in one run, side by side):
+Sections (measured in one run, each against the same roofline):
 
-  roofline         copy and read bandwidth, GEMM rate (torch.mm): the floors everything else is
-                   measured against; at the end, per kernel, the fraction of the floor reached
-  cross_attention  the CrossAttentionBlock at the fusion shapes of every variant: timm's block,
-                   the package's ``reference`` backend and every available fused backend,
-                   forward and forward+backward, MACs (textbook and absorbed), bytes, floor
-  fusion           the paper's five fusion schemes (CrossViT-S, and every variant's shapes in full
-                   mode): parameters, MACs, fusion-stage time, whole-model time
-  scaling          time against the token count N = 49 .. 4096 per scheme, with the bytes-once line
-  patch_embed      every available patch_embed backend against timm's PatchEmbed + cat + add
+  roofline         copy and read bandwidth, GEMM rate (torch.mm): measured first
+  cross_attention  the cross-attention block at the fusion shapes of every variant (or --models):
+                   timm's block and the package's variants (harness.CA_EXTRA, backends), forward
+                   and forward+backward, with the measured bytes-once floor of each shape
+  patch_embed      the patch embedding of both branches of every variant against timm's
+                   PatchEmbed + cat + add
+  fusion           the paper's five fusion schemes at CrossViT-S: parameters, MACs, the fusion
+                   stage of one block and the whole model; every variant's parameters and MACs
+  scaling          time against the token count N = 49 .. 4096, with the bytes-once line
 
 Usage:
-    python benchmarks/run.py                 # full run, default batch sizes for the device
-    python benchmarks/run.py --quick         # tiny shapes, every section, < 60 s (CI smoke)
-    python benchmarks/run.py --results       # also copy JSON + PNG to benchmarks/results/<tag>/
-    python benchmarks/run.py --device cuda --dtypes bf16,fp32
+    python benchmarks/run.py                          # full run with the device's defaults
+    python benchmarks/run.py --quick                  # tiny shapes, every section, < 60 s (smoke)
+    python benchmarks/run.py --results                # also copy the results to benchmarks/results/<tag>/
+    python benchmarks/run.py --device cuda --dtypes bf16 --batches 1,64,256 \\
+        --sections cross_attention,patch_embed         # the GPU kernel sweep (tools/gpu_run.sh)
+    python benchmarks/run.py --load bursty2 ...       # under background load (benchmarks/load.py)
 
-Output: ``<out>/bench.json`` (every row records device, threads, dtype, shapes, backend and
-versions), ``<out>/summary.md`` (the tables printed) and ``<out>/*.png``; ``<out>`` defaults to
-``benchmarks/out/<device-tag>/``. Conventions (timing, MAC counting) are in ``_common.py``.
+Timing is the package's one timer (crossvit_kernels.timing): the variants of one comparison
+interleaved round by round; on a GPU with CUDA events (L2 flushed) and, for the op sections, also
+as CUDA-graph replays (the device time the tables show). Output in ``--out`` (default
+``benchmarks/out/<tag>/``): ``results.json`` (the compact results: environment, settings,
+medians, quartiles, repeats; see harness.py), ``samples.json`` (every per-call time, not for
+committing), ``summary.md`` and plots (report.py renders both from results.json).
 """
 from __future__ import annotations
 
 import argparse
 import contextlib
+import json
 import os
 import shutil
 import sys
 import time
-from functools import partial
+import traceback
 from typing import Dict, List, Optional
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 if HERE not in sys.path:
     sys.path.insert(0, HERE)
 
-import torch  # noqa: E402
-import torch.nn as nn  # noqa: E402
-
-import _common as bc  # noqa: E402
-
-SCHEMA_VERSION = 1
-SECTIONS = ("roofline", "cross_attention", "fusion", "scaling", "patch_embed")
+SCHEMA = 2
+SECTIONS = ("roofline", "cross_attention", "patch_embed", "fusion", "scaling")
+#: the model whose shapes are always measured at the full batch on a small CPU
 HEADLINE_MODEL = "crossvit_18_240"
+#: the model of the fusion and scaling sections (the paper's CrossViT-S)
 FUSION_MODEL = "crossvit_small_240"
 
 
-# ------------------------------------------------------------------------------------------------
-# configuration per mode and device
-# ------------------------------------------------------------------------------------------------
-
-
-def make_config(quick: bool, device: torch.device, batch: Optional[int]) -> dict:
-    gpu = device.type == "cuda"
+def make_config(quick: bool, device_type: str) -> dict:
+    """Per-mode settings. Timer settings are Timer's keyword arguments."""
     if quick:
-        cfg = dict(
-            # one multi-scale block with one encoder block per branch: the tiny model's shapes at a
-            # fraction of its cost
-            ca_models=["crossvit_tiny_240"], ca_batch=2, ca_mac_budget=0, ca_min_batch=1,
-            fusion_model="crossvit_tiny_240", model_kwargs={"depth": ((1, 1, 0),)}, fusion_batch=1, model_batch=1,
-            sweep_variants=False, sweep_batch=1, scaling_N=[49, 197], scaling_batch=1,
-            pe_models=["crossvit_tiny_240"], pe_batch=2, pe_mac_budget=0,
-            copy_numel=1 << 22, gemm_sizes=[(512, 512, 512)],
-            timer=dict(warmup=1, min_reps=2, max_reps=3, budget_s=0.0, rep_ms=20, warmup_ms=5),
-            roof_timer=dict(warmup=1, min_reps=5, max_reps=5, budget_s=0.0, rep_ms=20, warmup_ms=5),
-            model_timer=dict(warmup=1, min_reps=1, max_reps=1, budget_s=0.0, rep_ms=20, warmup_ms=5),
-            sweep_timer=dict(warmup=1, min_reps=1, max_reps=1, budget_s=0.0, rep_ms=20, warmup_ms=5),
-        )
-    elif gpu:
-        cfg = dict(
-            ca_models=None, ca_batch=256, ca_mac_budget=0, ca_min_batch=256,
-            fusion_model=FUSION_MODEL, model_kwargs={}, fusion_batch=256, model_batch=128, sweep_variants=True,
-            sweep_batch=256, scaling_N=[49, 100, 197, 401, 577, 1024, 1157, 2048, 4096], scaling_batch=32,
-            pe_models=None, pe_batch=256, pe_mac_budget=0,
-            copy_numel=1 << 28, gemm_sizes=[(256 * 401, 224, 224), (256 * 197, 448, 448), (8192, 8192, 8192)],
-            timer=dict(warmup_ms=25, rep_ms=100),
-            roof_timer=dict(warmup_ms=50, rep_ms=300),
-            model_timer=dict(warmup_ms=50, rep_ms=500),
-            sweep_timer=dict(warmup_ms=25, rep_ms=100),
-        )
-    else:
-        # A small CPU (the 2-core CI machine): the headline CrossViT-18 rows at batch 64, other
-        # shapes at the batch that keeps the textbook forward (or the patch GEMM) under a fixed
-        # number of multiply-adds, so that the full run stays under 10 minutes.
-        cfg = dict(
-            ca_models=None, ca_batch=64, ca_mac_budget=1.3e9, ca_min_batch=4,
-            fusion_model=FUSION_MODEL, model_kwargs={}, fusion_batch=8, model_batch=1, sweep_variants=True,
-            sweep_batch=2, scaling_N=[49, 100, 197, 401, 577, 1024, 1157, 2048, 4096], scaling_batch=2,
-            pe_models=None, pe_batch=64, pe_mac_budget=0.6e9,
-            copy_numel=1 << 25, gemm_sizes=[(64 * 401, 224, 224), (64 * 197, 448, 448), (1024, 1024, 1024)],
-            timer=dict(warmup=1, min_reps=3, max_reps=30, budget_s=0.3),
-            roof_timer=dict(warmup=2, min_reps=7, max_reps=30, budget_s=1.0),
-            model_timer=dict(warmup=1, min_reps=2, max_reps=5, budget_s=0.4),
-            sweep_timer=dict(warmup=1, min_reps=2, max_reps=5, budget_s=0.1),
-        )
-    if batch is not None:
-        cfg["ca_batch"] = cfg["pe_batch"] = batch
-    return cfg
-
-
-# ------------------------------------------------------------------------------------------------
-# run context: device, timers, progress, rows
-# ------------------------------------------------------------------------------------------------
+        # one multi-scale block with one encoder block per branch: the tiny model's shapes at a
+        # fraction of its cost
+        return dict(models=["crossvit_tiny_240"], batches=[2], mac_budget=0, min_batch=1,
+                    fusion_model="crossvit_tiny_240", model_kwargs={"depth": ((1, 1, 0),)}, fusion_batch=1,
+                    model_batch=1, sweep_variants=False, sweep_batch=1, scaling_N=[49, 197], scaling_batch=1,
+                    copy_numel=1 << 22, gemm_sizes=[(512, 512, 512)],
+                    timer=dict(warmup=1, min_reps=2, max_reps=3, budget_s=0.0),
+                    roof_timer=dict(warmup=1, min_reps=5, max_reps=5, budget_s=0.0),
+                    model_timer=dict(warmup=1, min_reps=1, max_reps=1, budget_s=0.0),
+                    sweep_timer=dict(warmup=1, min_reps=1, max_reps=1, budget_s=0.0))
+    if device_type == "cuda":
+        return dict(models=None, batches=[256], mac_budget=0, min_batch=1, fusion_model=FUSION_MODEL,
+                    model_kwargs={}, fusion_batch=256, model_batch=128, sweep_variants=True, sweep_batch=256,
+                    scaling_N=[49, 100, 197, 401, 577, 1024, 1157, 2048, 4096], scaling_batch=32,
+                    copy_numel=1 << 28, gemm_sizes=[(256 * 401, 224, 224), (256 * 197, 448, 448), (8192, 8192, 8192)],
+                    timer=dict(warmup=3, min_reps=10, max_reps=50, budget_s=0.02),
+                    roof_timer=dict(warmup=3, min_reps=10, max_reps=30, budget_s=0.2),
+                    model_timer=dict(warmup=2, min_reps=5, max_reps=20, budget_s=0.2, flush_l2=False),
+                    sweep_timer=dict(warmup=2, min_reps=5, max_reps=20, budget_s=0.02))
+    # A small CPU (the 2-core development machine): the headline CrossViT-18 rows at batch 64, other
+    # shapes at the batch that keeps the textbook forward (or the patch GEMM) under a fixed number
+    # of multiply-adds, so that the full run stays well under 10 minutes.
+    return dict(models=None, batches=[64], mac_budget=1.3e9, min_batch=4, fusion_model=FUSION_MODEL, model_kwargs={},
+                fusion_batch=8, model_batch=1, sweep_variants=True, sweep_batch=2,
+                scaling_N=[49, 100, 197, 401, 577, 1024, 1157, 2048, 4096], scaling_batch=2,
+                copy_numel=1 << 25, gemm_sizes=[(64 * 401, 224, 224), (64 * 197, 448, 448), (1024, 1024, 1024)],
+                timer=dict(warmup=1, min_reps=3, max_reps=30, budget_s=0.3),
+                roof_timer=dict(warmup=2, min_reps=7, max_reps=30, budget_s=1.0),
+                model_timer=dict(warmup=1, min_reps=2, max_reps=5, budget_s=0.4),
+                sweep_timer=dict(warmup=1, min_reps=2, max_reps=5, budget_s=0.1))
 
 
 class CpuLoad:
@@ -131,788 +111,409 @@ class CpuLoad:
 
 
 class Ctx:
-    def __init__(self, args, device: torch.device, cfg: dict):
+    """One run: device, dtype, settings, timers, progress, and what failed."""
+
+    def __init__(self, args, device, cfg: dict):
+        from crossvit_kernels.timing import Timer
         self.args, self.device, self.cfg = args, device, cfg
         self.t0 = time.perf_counter()
-        self.env = bc.environment(device)
-        # per row, the versions as one short string (the environment block has them in full)
-        self.versions = ", ".join(f"{k} {v}" for k, v in self.env["versions"].items()
-                                  if k in ("crossvit_kernels", "torch", "triton", "timm") and v)
-        self.timer = bc.Timer(device, **cfg["timer"])
-        self.model_timer = bc.Timer(device, **cfg["model_timer"])
-        self.roof_timer = bc.Timer(device, **cfg["roof_timer"])
-        self.sweep_timer = bc.Timer(device, **cfg["sweep_timer"])
-        self.sections: Dict[str, dict] = {}
-        self.summary: List[str] = []
-        self.load = CpuLoad()
-        self.dtype = torch.float32
-        self.roof: Dict[str, dict] = {}
+        self.timer = Timer(device, **cfg["timer"])
+        self.roof_timer = Timer(device, **cfg["roof_timer"])
+        self.model_timer = Timer(device, **cfg["model_timer"])
+        self.sweep_timer = Timer(device, **cfg["sweep_timer"])
+        self.dtype = None
+        self.roof: dict = {}
         self.errors: List[dict] = []
+        self.samples: List[dict] = []
+        self.per: Dict[str, dict] = {}   # the current dtype's sections
+        self.save = lambda: None         # writes the results so far (set by main)
+
+    def checkpoint(self, section: str, partial: dict) -> None:
+        """Record a section's rows so far and write the results file: a run stopped by a time
+        limit keeps what it measured."""
+        self.per[section] = dict(partial, partial=True)
+        self.save()
+
+    @property
+    def dname(self) -> str:
+        import harness
+        return harness.dtype_name(self.dtype)
 
     def log(self, msg: str) -> None:
         print(f"[{time.perf_counter() - self.t0:7.1f}s] {msg}", flush=True)
 
-    def base(self, section: str, **fields) -> dict:
-        row = {"section": section, "device": self.env["device"], "threads": self.env["threads"],
-               "dtype": bc.dtype_name(self.dtype), "versions": self.versions}
-        row.update(fields)
-        return row
+    def time_group(self, timer, fns: dict, key: dict, graph: bool = False) -> Dict[str, dict]:
+        """``timer.group`` over ``fns`` (also as CUDA-graph replays where ``graph`` and on a GPU);
+        failures are logged and recorded; raw samples kept for samples.json. Returns
+        {name: timing} with ``graph_*`` fields added where the replays were timed."""
+        res = timer.group(fns, keep_samples=True)
+        out = {}
+        for name, t in res.items():
+            if "error" in t:
+                self.fail(key, name, t["error"])
+                continue
+            self.samples.append({"dtype": self.dname, **key, "impl": name, "samples_ms": t.pop("samples_ms")})
+            out[name] = t
+        if graph and self.device.type == "cuda" and out:
+            for name, t in timer.group({k: fns[k] for k in out}, graph=True, keep_samples=True).items():
+                if "error" in t:
+                    self.fail(key, name + " (graph)", t["error"])
+                    continue
+                self.samples.append({"dtype": self.dname, **key, "impl": name, "graph": True,
+                                     "samples_ms": t.pop("samples_ms")})
+                out[name].update({f"graph_{k}": v for k, v in t.items()})
+        return out
 
-    def emit(self, title: str, text: str) -> None:
-        block = f"\n### {title}\n\n{text}\n"
-        print(block, flush=True)
-        self.summary.append(block)
-
-
-def _randn(*shape, ctx: Ctx, requires_grad: bool = False, scale: float = 1.0) -> torch.Tensor:
-    t = torch.randn(*shape, device=ctx.device, dtype=torch.float32) * scale
-    return t.to(ctx.dtype).requires_grad_(requires_grad)
-
-
-def _fwd(fn, backend: Optional[str] = None):
-    """An inference forward (no autograd), optionally under ``use_backend(backend)``."""
-    import crossvit_kernels as ck
-
-    def run():
-        with torch.no_grad(), (ck.use_backend(backend) if backend else contextlib.nullcontext()):
-            fn()
-    return run
-
-
-def _fwd_bwd(fn, grads, backend: Optional[str] = None):
-    """A forward with autograd and backward of fixed output gradients."""
-    import crossvit_kernels as ck
-
-    def run():
-        with ck.use_backend(backend) if backend else contextlib.nullcontext():
-            out = fn()
-            outs = list(out) if isinstance(out, (list, tuple)) else [out]
-            torch.autograd.backward(outs, grads)
-    return run
+    def fail(self, key: dict, name: str, error: str) -> None:
+        self.errors.append({"dtype": self.dname, **key, "impl": name, "error": error})
+        self.log(f"   FAILED {name} {key}: {error}")
 
 
-def _group(ctx: Ctx, timer, fns: dict, leaves: Optional[dict] = None, graphable: bool = False) -> dict:
-    """``timer.group`` over the callables that run: one that raises (a broken backend) is logged
-    and recorded in the run's failures, and left out of the timings (its rows are omitted)."""
-    ok = {}
-    for k, f in fns.items():
-        try:
-            for t in (leaves or {}).get(k) or []:
-                t.grad = None
-            f()
-            ok[k] = f
-        except Exception as exc:
-            msg = f"{type(exc).__name__}: {exc}".strip().splitlines()[0][:300]
-            ctx.errors.append({"dtype": bc.dtype_name(ctx.dtype), "what": k, "error": msg})
-            ctx.log(f"   FAILED {k}: {msg}")
-    return timer.group(ok, leaves, graphable) if ok else {}
-
-
-def _floor_fns(x: torch.Tensor) -> dict:
-    """The measured floors of a tensor, to time alongside the kernels that read it: one read
-    (x.sum()) and one read + one write (a copy)."""
-    buf = torch.empty_like(x)
-    return {"__read": lambda: x.sum(), "__copy": lambda: buf.copy_(x)}
+TIMING_COLUMNS = ("median_ms", "q25_ms", "q75_ms", "reps", "graph_median_ms", "graph_q25_ms", "graph_q75_ms")
 
 
 # ------------------------------------------------------------------------------------------------
-# e. roofline (runs first: the other sections use its numbers)
+# roofline
 # ------------------------------------------------------------------------------------------------
 
 
 def section_roofline(ctx: Ctx) -> dict:
-    n = ctx.cfg["copy_numel"]
-    elt = torch.empty((), dtype=ctx.dtype).element_size()
-    x = torch.randn(n, device=ctx.device).to(ctx.dtype)
-    y = torch.empty_like(x)
-    ctx.log(f"roofline: copy / read bandwidth over {n * elt / 2**20:.0f} MiB")
-    t_copy = ctx.roof_timer(lambda: y.copy_(x))
-    t_read = ctx.roof_timer(lambda: x.sum())
-    copy_gbs = 2 * n * elt / (t_copy["median_ms"] * 1e-3) / 1e9
-    read_gbs = n * elt / (t_read["median_ms"] * 1e-3) / 1e9
-    del x, y
-    gemms = []
-    for (M, K, N) in ctx.cfg["gemm_sizes"]:
-        ctx.log(f"roofline: torch.mm {M}x{K} @ {K}x{N}")
-        a = torch.randn(M, K, device=ctx.device).to(ctx.dtype)
-        b = torch.randn(K, N, device=ctx.device).to(ctx.dtype)
-        t = ctx.roof_timer(lambda: torch.mm(a, b))
-        macs = M * K * N
-        gemms.append(ctx.base("roofline", kind="gemm", shape=[M, K, N], timing=t, macs=macs,
-                              gmacs_per_s=macs / (t["median_ms"] * 1e-3) / 1e9))
-        del a, b
-    peak = max(g["gmacs_per_s"] for g in gemms)
-    res = {
-        "bandwidth": ctx.base("roofline", kind="bandwidth", numel=n, bytes=n * elt, copy_timing=t_copy,
-                              read_timing=t_read, copy_gb_per_s=copy_gbs, read_gb_per_s=read_gbs),
-        "gemm": gemms, "gemm_peak_gmacs_per_s": peak, "kernels": [],
-    }
-    ctx.roof = {"read_gbs": read_gbs, "copy_gbs": copy_gbs, "gemm_gmacs": peak}
-    rows = [["copy (read+write)", f"{copy_gbs:.1f} GB/s", bc.fmt_ms(t_copy["median_ms"]) + " ms"],
-            ["read (x.sum())", f"{read_gbs:.1f} GB/s", bc.fmt_ms(t_read["median_ms"]) + " ms"]]
-    rows += [[f"torch.mm {g['shape'][0]}x{g['shape'][1]}x{g['shape'][2]}", f"{g['gmacs_per_s']:.1f} GMAC/s",
-              bc.fmt_ms(g["timing"]["median_ms"]) + " ms"] for g in gemms]
-    ctx.emit(f"Roofline ({bc.dtype_name(ctx.dtype)}, {ctx.env['device']}, {ctx.env['threads']} threads)",
-             bc.table(rows, ["measurement", "rate", "median"]))
-    return res
-
-
-def roofline_ms(ctx: Ctx, bytes_: float, macs: float, rw: bool) -> float:
-    """max(bytes / bandwidth, MACs / GEMM rate): the time a kernel cannot beat on this machine."""
-    bw = ctx.roof["copy_gbs"] if rw else ctx.roof["read_gbs"]
-    return max(bytes_ / (bw * 1e9), macs / (ctx.roof["gemm_gmacs"] * 1e9)) * 1e3
+    import harness
+    roof = harness.measure_roofline(ctx.roof_timer, ctx.device, ctx.dtype, ctx.cfg["copy_numel"],
+                                    ctx.cfg["gemm_sizes"], log=ctx.log)
+    ctx.roof = roof
+    gemm = [dict(M=g["shape"][0], K=g["shape"][1], N=g["shape"][2], **g) for g in roof["gemm"]]
+    keep = ("median_ms", "q25_ms", "q75_ms", "reps")
+    return {"copy_gbs": harness.rnd(roof["copy_gbs"]), "read_gbs": harness.rnd(roof["read_gbs"]),
+            "gemm_gmacs": harness.rnd(roof["gemm_gmacs"]), "bytes": roof["bytes"],
+            "copy": {k: harness.rnd(roof["copy"][k]) for k in keep},
+            "read": {k: harness.rnd(roof["read"][k]) for k in keep},
+            "gemm": harness.make_table(("M", "K", "N", "gmacs") + keep, gemm)}
 
 
 # ------------------------------------------------------------------------------------------------
-# a. cross-attention block
+# the two ops
 # ------------------------------------------------------------------------------------------------
 
 
-def _unique_fusion_shapes(models: List[str]) -> List[dict]:
-    shapes: Dict[tuple, dict] = {}
-    for name in models:
-        g = bc.variant_geometry(name)
-        for fs in g["fusion_shapes"]:
-            key = (fs["N"], fs["C"], fs["H"])
-            entry = shapes.setdefault(key, {"N": fs["N"], "C": fs["C"], "H": fs["H"], "uses": []})
-            entry["uses"].append(f"{name}/fusion.{fs['fusion']}")
-    return list(shapes.values())
-
-
-def _ca_batch(ctx: Ctx, shape: dict) -> int:
+def _batches(ctx: Ctx, uses: List[str], macs_per_row: int) -> List[int]:
+    """The batches of one shape: --batches, capped on a small CPU by the MAC budget except for the
+    headline model's shapes."""
     cfg = ctx.cfg
-    B = cfg["ca_batch"]
-    if any(u.startswith(HEADLINE_MODEL + "/") for u in shape["uses"]) or not cfg["ca_mac_budget"]:
-        return B
-    per_row = bc.ca_macs_textbook(1, shape["N"], shape["C"])
-    return int(max(cfg["ca_min_batch"], min(B, cfg["ca_mac_budget"] // per_row)))
+    if not cfg["mac_budget"] or any(u.startswith(HEADLINE_MODEL + "/") for u in uses):
+        return list(cfg["batches"])
+    cap = int(max(cfg["min_batch"], cfg["mac_budget"] // macs_per_row))
+    return sorted({min(B, cap) for B in cfg["batches"]})
+
+
+def _impls(ctx: Ctx, op: str) -> Dict[str, str]:
+    """{impl: "available" or why not}: --impls, or every default variant that runs here."""
+    import harness
+    allow = ctx.args.allow_interpreter
+    wanted = ctx.args.impls.split(",") if ctx.args.impls else harness.default_impls(op, ctx.device, ctx.dtype, allow)
+    if op == "cross_attention":
+        wanted = [w for w in wanted if w not in ("read", "copy")]
+    status = {}
+    for name in wanted:
+        why = harness.impl_status(op, name, ctx.device, ctx.dtype, allow)
+        if why is None or ctx.args.impls:  # an explicitly named variant that cannot run is reported
+            status[name] = why or "available"
+    return status
 
 
 def section_cross_attention(ctx: Ctx) -> dict:
-    from timm.models.crossvit import CrossAttentionBlock as TimmBlock
-    from crossvit_kernels.ops import cross_attention
-    from crossvit_kernels.models import list_models
-
-    models = ctx.cfg["ca_models"] or list_models()
-    backends = bc.fused_backends("cross_attention", ctx.device, ctx.dtype, ctx.args.allow_interpreter)
-    fused = [b for b, why in backends.items() if why is None]
-    shapes = _unique_fusion_shapes(models)
-    ctx.log(f"cross_attention: {len(shapes)} shapes; fused backends: {fused or 'none'}; skipped: "
-            + ", ".join(f"{b} ({w})" for b, w in backends.items() if w))
-    elt = torch.empty((), dtype=ctx.dtype).element_size()
+    import harness
+    models = harness.models_matching(ctx.args.models.split(",") if ctx.args.models else ctx.cfg["models"])
+    status = _impls(ctx, "cross_attention")
+    impls = [k for k, v in status.items() if v == "available"]
+    shapes = _headline_first(harness.fusion_shapes(models))
+    ctx.log(f"cross_attention: {len(shapes)} shapes; variants: {impls}; not run: "
+            + (", ".join(f"{k} ({v})" for k, v in status.items() if v != "available") or "-"))
     rows = []
     for si, shp in enumerate(shapes):
         N, C, H = shp["N"], shp["C"], shp["H"]
-        M = N - 1
-        B = _ca_batch(ctx, shp)
-        ctx.log(f"cross_attention [{si + 1}/{len(shapes)}] B={B} N={N} C={C} H={H} ({', '.join(shp['uses'])})")
-        torch.manual_seed(si)
-        blk = TimmBlock(C, H, qkv_bias=True, norm_layer=partial(nn.LayerNorm, eps=1e-6))
-        with torch.no_grad():  # LayerNorm affine away from (1, 0) so no term is trivially skipped
-            blk.norm1.weight.add_(0.1 * torch.randn(C))
-            blk.norm1.bias.add_(0.1 * torch.randn(C))
-        blk = blk.to(ctx.device, ctx.dtype)
-        a, n = blk.attn, blk.norm1
-        params = [n.weight, n.bias, a.wq.weight, a.wq.bias, a.wk.weight, a.wk.bias, a.wv.weight, a.wv.bias,
-                  a.proj.weight, a.proj.bias]
-        branch = _randn(B, 1 + M, C, ctx=ctx, requires_grad=True)   # the other branch's activations
-        q_cls = _randn(B, C, ctx=ctx, requires_grad=True)            # the projected CLS (the query)
-        tokens = branch[:, 1:]                                       # strided view, as in the model
-        g = _randn(B, C, ctx=ctx)
-        leaves = [branch, q_cls] + params
+        for B in _batches(ctx, shp["uses"], harness.ca_macs_textbook(1, N, C)):
+            ctx.log(f"cross_attention [{si + 1}/{len(shapes)}] B={B} N={N} C={C} H={H} "
+                    f"({harness.short_uses(shp['uses'])})")
+            t = harness.cross_attention_inputs(B, N, C, ctx.device, ctx.dtype, seed=si)
+            for mode in ctx.args.modes.split(","):
+                names = impls + (["read", "copy"] if mode == "fwd" else [])
+                if mode != "fwd":
+                    names = [n for n in names if n != "triton-unfused"]  # the op never fuses with a gradient
+                fns = {}
+                for name in names:
+                    try:
+                        fns[name] = harness.cross_attention_fn(t, H, name, mode)
+                    except Exception as exc:
+                        ctx.fail(dict(section="cross_attention", N=N, C=C, H=H, B=B, mode=mode), name,
+                                  f"{type(exc).__name__}: {exc}"[:300])
+                key = dict(section="cross_attention", N=N, C=C, H=H, B=B, mode=mode)
+                timings = ctx.time_group(ctx.timer, fns, key, graph=True)
+                for name, tm in timings.items():
+                    rows.append(dict(N=N, C=C, H=H, B=B, mode=mode, impl=name, **tm))
+                ctx.log("   " + mode + ": " + ", ".join(f"{k} {_ms(v)}" for k, v in timings.items()))
+                del fns
+            del t
+            _free(ctx)
+            result = {"variants": status,
+                      "shapes": harness.make_table(("N", "C", "H", "uses"), shapes),
+                      "rows": harness.make_table(("N", "C", "H", "B", "mode", "impl") + TIMING_COLUMNS, rows)}
+            ctx.checkpoint("cross_attention", result)
+    return result
 
-        def timm_fn():
-            return blk(torch.cat([q_cls.unsqueeze(1), tokens], dim=1)).squeeze(1)
 
-        def op_fn(backend):
-            return lambda: cross_attention(q_cls, tokens, n.weight, n.bias, a.wq.weight, a.wq.bias, a.wk.weight,
-                                           a.wk.bias, a.wv.weight, a.wv.bias, a.proj.weight, a.proj.bias, H,
-                                           eps=1e-6, backend=backend)
+def section_patch_embed(ctx: Ctx) -> dict:
+    import harness
+    models = harness.models_matching(ctx.args.models.split(",") if ctx.args.models else ctx.cfg["models"])
+    status = _impls(ctx, "patch_embed")
+    impls = [k for k, v in status.items() if v == "available"]
+    shapes = _headline_first(harness.patch_embed_shapes(models))
+    ctx.log(f"patch_embed: {len(shapes)} inputs; variants: {impls}")
+    rows = []
+    for si, shp in enumerate(shapes):
+        S, p, C = shp["img"], shp["patch"], shp["C"]
+        for B in _batches(ctx, shp["uses"], harness.pe_macs(1, S, p, C) * 2):
+            ctx.log(f"patch_embed [{si + 1}/{len(shapes)}] B={B} {S}px p={p} C={C} ({harness.short_uses(shp['uses'])})")
+            t = harness.patch_embed_inputs(B, S, p, C, ctx.device, ctx.dtype, seed=si)
+            for mode in ctx.args.modes.split(","):
+                fns = {name: harness.patch_embed_fn(t, name, mode) for name in impls}
+                key = dict(section="patch_embed", img=S, patch=p, C=C, B=B, mode=mode)
+                timings = ctx.time_group(ctx.timer, fns, key, graph=True)
+                for name, tm in timings.items():
+                    rows.append(dict(img=S, patch=p, C=C, B=B, mode=mode, impl=name, **tm))
+                ctx.log("   " + mode + ": " + ", ".join(f"{k} {_ms(v)}" for k, v in timings.items()))
+            del t
+            _free(ctx)
+            result = {"variants": status,
+                      "shapes": harness.make_table(("img", "patch", "C", "uses"), shapes),
+                      "rows": harness.make_table(("img", "patch", "C", "B", "mode", "impl") + TIMING_COLUMNS, rows)}
+            ctx.checkpoint("patch_embed", result)
+    return result
 
-        impls = [("timm", timm_fn, "textbook"), ("reference", op_fn("reference"), "textbook")]
-        impls += [(b, op_fn(b), "fused") for b in fused]
-        floor_fns = _floor_fns(branch.detach()[:, 1:].contiguous())
-        macs_t, macs_a = bc.ca_macs_textbook(B, N, C), bc.ca_macs_absorbed(B, N, C, H)
-        for mode in ("fwd", "fwd+bwd"):
-            if mode == "fwd":
-                fns = {impl: _fwd(fn) for impl, fn, _ in impls}
-                fns.update(floor_fns)
-                timings = _group(ctx, ctx.timer, fns, graphable=True)
-                floor = {"read_ms": timings["__read"]["median_ms"], "copy_ms": timings["__copy"]["median_ms"]}
-            else:
-                fns = {impl: _fwd_bwd(fn, [g]) for impl, fn, _ in impls}
-                timings = _group(ctx, ctx.timer, fns, {impl: leaves for impl in fns})
-            for impl, fn, form in impls:
-                if impl not in timings:
-                    continue
-                t = timings[impl]
-                mult = 1 if mode == "fwd" else 3
-                macs = (macs_t if form == "textbook" else macs_a) * mult
-                nbytes = bc.ca_bytes(B, N, C, elt, "textbook" if form == "textbook" else "fused", mode)
-                floor_ms = floor["read_ms"] if mode == "fwd" else floor["read_ms"] + floor["copy_ms"]
-                med_s = t["median_ms"] * 1e-3
-                roof = roofline_ms(ctx, bc.ca_bytes(B, N, C, elt, "fused", mode), macs_a * mult, rw=mode != "fwd")
-                rows.append(ctx.base(
-                    "cross_attention", uses=shp["uses"], B=B, N=N, M=M, C=C, H=H,
-                    shapes={"x_cls": [B, C], "x_tokens": [B, M, C], "x_tokens_strides": list(tokens.stride())},
-                    impl=impl, backend=impl if impl != "timm" else None, form=form, mode=mode, timing=t,
-                    macs=macs, macs_textbook=macs_t * mult, macs_absorbed=macs_a * mult, bytes_model=nbytes,
-                    floor_bytes_once_ms=floor_ms, frac_floor=floor_ms / t["median_ms"],
-                    roofline_ms=roof, frac_roofline=roof / t["median_ms"],
-                    gb_per_s=nbytes / med_s / 1e9, gmacs_per_s=macs / med_s / 1e9,
-                    frac_gemm_rate=macs / med_s / 1e9 / ctx.roof["gemm_gmacs"]))
-                ctx.log(f"   {mode:8s} {impl:10s} {bc.fmt_ms(t['median_ms'])} ms")
-        del blk, branch, q_cls, g
-    # table
-    impls_seen = ["timm", "reference"] + fused
-    table_rows = []
-    for shp in shapes:
-        for mode in ("fwd", "fwd+bwd"):
-            sel = {r["impl"]: r for r in rows if (r["N"], r["C"], r["H"]) == (shp["N"], shp["C"], shp["H"])
-                   and r["mode"] == mode}
-            if "timm" not in sel:
-                continue
-            timm_ms = sel["timm"]["timing"]["median_ms"]
-            best = min((sel[b] for b in fused if b in sel), key=lambda r: r["timing"]["median_ms"], default=None)
-            uses = sorted({u.split("/")[0].replace("crossvit_", "") for u in shp["uses"]})
-            table_rows.append(
-                [f"N={shp['N']} C={shp['C']} H={shp['H']}", ",".join(uses)[:40], str(sel["timm"]["B"]), mode]
-                + [bc.fmt_ms(sel[i]["timing"]["median_ms"]) if i in sel else "-" for i in impls_seen]
-                + [f"{timm_ms / best['timing']['median_ms']:.1f}x" if best else "-",
-                   f"{bc.ca_macs_textbook(1, shp['N'], shp['C']) / bc.ca_macs_absorbed(1, shp['N'], shp['C'], shp['H']):.0f}x",
-                   bc.fmt_ms(best["floor_bytes_once_ms"]) if best else "-",
-                   f"{100 * best['frac_floor']:.0f}%" if best else "-"])
-    ctx.emit(f"Cross-attention block ({bc.dtype_name(ctx.dtype)}; median ms; timm = cat + timm's "
-             f"CrossAttentionBlock)",
-             bc.table(table_rows, ["shape", "variants", "B", "mode"] + [f"{i} ms" for i in impls_seen]
-                      + ["fused vs timm", "MAC ratio", "floor ms", "fused % of floor"]))
-    return {"backends": {b: (w or "available") for b, w in backends.items()}, "rows": rows}
+
+def _headline_first(shapes: List[dict]) -> List[dict]:
+    """The headline model's shapes first, then the fusion model's, then the others (a run stopped
+    by a time limit has measured the shapes the tables quote)."""
+    def rank(s):
+        uses = " ".join(s["uses"])
+        return 0 if HEADLINE_MODEL + "/" in uses else 1 if FUSION_MODEL + "/" in uses else 2
+    return sorted(shapes, key=rank)
+
+
+def _ms(t: dict) -> str:
+    ms = t.get("graph_median_ms", t["median_ms"])
+    return f"{ms:.4g} ms" + (" (graph)" if "graph_median_ms" in t else "")
+
+
+def _free(ctx: Ctx) -> None:
+    if ctx.device.type == "cuda":
+        import torch
+        torch.cuda.empty_cache()
 
 
 # ------------------------------------------------------------------------------------------------
-# b. fusion schemes
+# fusion schemes
 # ------------------------------------------------------------------------------------------------
 
 
-def _fusion_params(model) -> int:
-    total = 0
-    for blk in model.blocks:
-        for name in ("projs", "fusion", "revert_projs"):
-            mod = getattr(blk, name, None)
-            if isinstance(mod, nn.Module):
-                total += sum(p.numel() for p in mod.parameters())
-    return total
+def _fused_backend(ctx: Ctx) -> str:
+    """The first fused backend that runs the cross-attention here (reference when none does)."""
+    import harness
+    for b in harness.FUSED_BACKENDS:
+        if harness.impl_status("cross_attention", b, ctx.device, ctx.dtype, ctx.args.allow_interpreter) is None:
+            return b
+    return "reference"
 
 
 def _count_macs(fn) -> int:
-    from torch.utils.flop_counter import FlopCounterMode
     import crossvit_kernels as ck
+    from torch.utils.flop_counter import FlopCounterMode
     counter = FlopCounterMode(display=False)
     with ck.use_backend("reference"), counter:
         fn()
     return counter.get_total_flops() // 2
 
 
-_STATIC_CACHE: Dict[str, dict] = {}
+_STATIC: Dict[str, dict] = {}
 
 
 def _scheme_static(name: str, fusion: str, kwargs: dict, count_model: bool = True) -> dict:
-    """Parameters and textbook MACs (batch 1, counted on a meta-device model) of one scheme.
+    """Parameters and textbook MACs per image (counted on a meta-device model) of one scheme.
 
     ``count_model=False`` counts the whole model once per variant (with no fusion) and adds the
     scheme's counted fusion stages: the same number (the encoders, embedding and head do not
-    depend on the scheme), several times cheaper to get.
+    depend on the scheme), several times cheaper to get. Independent of the dtype: cached.
     """
-    key = repr((name, fusion, sorted(kwargs.items()), count_model))
-    if key not in _STATIC_CACHE:  # independent of the dtype: computed once per run
-        _STATIC_CACHE[key] = _scheme_static_uncached(name, fusion, kwargs, count_model)
-    return dict(_STATIC_CACHE[key])
+    import torch
+    import torch.nn as nn
 
-
-def _scheme_static_uncached(name: str, fusion: str, kwargs: dict, count_model: bool) -> dict:
+    import harness
     from crossvit_kernels.models import create_model
-    from crossvit_kernels.models.fusion import Fusion
+    key = repr((name, fusion, sorted(kwargs.items()), count_model))
+    if key in _STATIC:
+        return dict(_STATIC[key])
     m = create_model(name, fusion=fusion, device="meta", **kwargs)
-    geo = bc.variant_geometry(name)
+    geo = harness.variant_geometry(name)
     x = torch.empty(1, 3, m.img_size[0], m.img_size[1], device="meta")
     xs = [torch.empty(1, 1 + P, C, device="meta") for P, C in zip(geo["num_patches"], geo["embed_dim"])]
     # every multi-scale block's fusion stage has the same shapes: count one, times the blocks
-    macs_fusion = _count_macs(lambda: Fusion.forward(m.blocks[0], xs)) * len(m.blocks)
+    macs_fusion = _count_macs(lambda: m.blocks[0].forward_fusion(xs)) * len(m.blocks)
     if count_model:
         macs_model = _count_macs(lambda: m(x))
     else:
         base = _scheme_static(name, "none", kwargs, True) if fusion != "none" else None
         macs_model = (base["macs_textbook"] if base else _count_macs(lambda: m(x))) + macs_fusion
-    # The fused op is opaque to the counter: count its form analytically (per block, per branch,
-    # the textbook block's MACs replaced by the absorbed form's).
+    # the fused op is opaque to the counter: count its form analytically (per block and branch, the
+    # textbook block's MACs replaced by the absorbed form's)
     saved = 0
     if fusion == "cross_attention":
         for fs in geo["fusion_shapes"]:
-            saved += bc.ca_macs_textbook(1, fs["N"], fs["C"]) - bc.ca_macs_absorbed(1, fs["N"], fs["C"], fs["H"])
+            saved += (harness.ca_macs_textbook(1, fs["N"], fs["C"])
+                      - harness.ca_macs_absorbed(1, fs["N"], fs["C"], fs["H"]))
         saved *= len(m.blocks)
-    return {"model": name, "model_kwargs": kwargs, "fusion": fusion, "macs_counted_whole_model": count_model,
-            "params": sum(p.numel() for p in m.parameters()),
-            "params_fusion": _fusion_params(m), "macs_textbook": macs_model, "macs_fused": macs_model - saved,
-            "macs_fusion_textbook": macs_fusion, "macs_fusion_fused": macs_fusion - saved, "geometry": geo}
+    params_fusion = sum(p.numel() for blk in m.blocks for n in ("projs", "fusion", "revert_projs")
+                        if isinstance(getattr(blk, n, None), nn.Module) for p in getattr(blk, n).parameters())
+    _STATIC[key] = {"model": name, "fusion": fusion, "params": sum(p.numel() for p in m.parameters()),
+                    "params_fusion": params_fusion, "macs_textbook": macs_model, "macs_fused": macs_model - saved,
+                    "macs_fusion_textbook": macs_fusion, "macs_fusion_fused": macs_fusion - saved}
+    return dict(_STATIC[key])
 
 
-def _fusion_stage_rows(ctx: Ctx, name: str, B: int, modes, timer) -> List[dict]:
-    from crossvit_kernels.models import FUSIONS, create_model
-    from crossvit_kernels.models.fusion import Fusion
-    geo = bc.variant_geometry(name)
-    fused = [b for b, w in bc.fused_backends("cross_attention", ctx.device, ctx.dtype,
-                                             ctx.args.allow_interpreter).items() if w is None]
+def _stage_rows(ctx: Ctx, name: str, B: int, modes, timer) -> List[dict]:
+    """The fusion stage of one multi-scale block under each scheme: textbook (reference) and the
+    fused backend for the cross-attention scheme, the fused backend for the others."""
+    import harness
+    from crossvit_kernels.models import FUSIONS
+    fused = _fused_backend(ctx)
     rows = []
     for fusion in FUSIONS:
-        torch.manual_seed(0)
-        m = create_model(name, fusion=fusion, **ctx.cfg["model_kwargs"]).to(ctx.device, ctx.dtype)
-        blk = m.blocks[0]
-        xs = [_randn(B, 1 + P, C, ctx=ctx, requires_grad=True) for P, C in zip(geo["num_patches"], geo["embed_dim"])]
-        gs = [_randn(B, 1 + P, C, ctx=ctx) for P, C in zip(geo["num_patches"], geo["embed_dim"])]
-        leaves = xs + [p for p in blk.parameters()]
-        variants = ["reference"] + fused if fusion == "cross_attention" else [fused[0] if fused else "reference"]
-        fn = lambda: Fusion.forward(blk, xs)  # noqa: E731
+        variants = ["reference", fused] if fusion == "cross_attention" and fused != "reference" else [fused]
         for mode in modes:
-            if mode == "fwd" or fusion == "none":  # "none" returns its inputs: nothing to differentiate
-                timings = _group(ctx, timer, {b: _fwd(fn, b) for b in variants})
-            else:
-                timings = _group(ctx, timer, {b: _fwd_bwd(fn, gs, b) for b in variants}, {b: leaves for b in variants})
-            for backend in variants:
-                if backend not in timings:
-                    continue
-                t = timings[backend]
-                form = "textbook" if backend == "reference" or fusion != "cross_attention" else "fused"
-                rows.append(ctx.base("fusion", kind="timing", scope="fusion_stage", model=name, fusion=fusion,
-                                     backend=backend, form=form, mode=mode, B=B, timing=t,
-                                     shapes={"x0": [B, 1 + geo["num_patches"][0], geo["embed_dim"][0]],
-                                             "x1": [B, 1 + geo["num_patches"][1], geo["embed_dim"][1]]}))
-                ctx.log(f"   fusion stage {name} {fusion:15s} {backend:9s} {mode:8s} {bc.fmt_ms(t['median_ms'])} ms")
-        del m, xs, gs
+            if mode != "fwd" and fusion == "none":
+                continue  # "none" returns its inputs: nothing to differentiate
+            fns = {b: harness.fusion_stage_fn(name, fusion, b, B, mode, ctx.device, ctx.dtype, ctx.cfg["model_kwargs"])
+                   for b in variants}
+            key = dict(section="fusion", scope="fusion_stage", model=name, fusion=fusion, B=B, mode=mode)
+            for backend, t in ctx.time_group(timer, fns, key).items():
+                rows.append(dict(scope="fusion_stage", model=name, fusion=fusion, backend=backend, mode=mode, B=B, **t))
+                ctx.log(f"   fusion stage {name} {fusion:15s} {backend:9s} {mode:8s} {t['median_ms']:.4g} ms")
+            del fns
     return rows
 
 
 def _model_rows(ctx: Ctx, name: str, B: int) -> List[dict]:
+    """The whole model per scheme on the fused backend, the textbook form of the paper's scheme and
+    of no fusion, and timm's own model; fwd and fwd+bwd."""
     import timm
+    import torch
+
     import crossvit_kernels as ck
+    import harness
     from crossvit_kernels.models import FUSIONS, create_model
-    fused = [b for b, w in bc.fused_backends("cross_attention", ctx.device, ctx.dtype,
-                                             ctx.args.allow_interpreter).items() if w is None]
-    best = fused[0] if fused else "reference"
-    rows = []
-    size = bc.variant_geometry(name)["img_size"]
-    x = _randn(B, 3, size, size, ctx=ctx)
-    g = _randn(B, 1000, ctx=ctx)
-    plan = [(f, best) for f in FUSIONS]
-    # the textbook form of the paper's model and of its no-fusion baseline, and timm's own model
-    plan += [("cross_attention", "reference"), ("none", "reference"), ("cross_attention", "timm")]
+    fused = _fused_backend(ctx)
+    size = harness.variant_geometry(name)["img_size"]
+    x = harness.randn(B, 3, size, size, device=ctx.device, dtype=ctx.dtype)
+    g = harness.randn(B, 1000, device=ctx.device, dtype=ctx.dtype)
+    plan = [(f, fused) for f in FUSIONS] + [("cross_attention", "reference"), ("none", "reference"),
+                                            ("cross_attention", "timm")]
+    plan = list(dict.fromkeys(plan))
     models = {}
     for fusion, backend in plan:
         torch.manual_seed(0)
-        if backend == "timm":
-            m = timm.create_model(name, pretrained=False, **ctx.cfg["model_kwargs"])
-        else:
-            m = create_model(name, fusion=fusion, **ctx.cfg["model_kwargs"])
-        models[(fusion, backend)] = m.to(ctx.device, ctx.dtype)
-    key = lambda fb: f"{fb[0]}/{fb[1]}"  # noqa: E731
+        m = (timm.create_model(name, pretrained=False, **ctx.cfg["model_kwargs"]) if backend == "timm"
+             else create_model(name, fusion=fusion, **ctx.cfg["model_kwargs"]))
+        models[f"{fusion}/{backend}"] = (m.to(ctx.device, ctx.dtype), None if backend == "timm" else backend)
+    rows = []
     for mode in ("fwd", "fwd+bwd"):
-        fns, leaves = {}, {}
-        for (fusion, backend), m in models.items():
+        fns = {}
+        for key, (m, backend) in models.items():
             m.train(mode != "fwd")
-            b = None if backend == "timm" else backend
-            fns[key((fusion, backend))] = _fwd(partial(m, x), b) if mode == "fwd" else _fwd_bwd(partial(m, x), [g], b)
-            leaves[key((fusion, backend))] = list(m.parameters())
-        timings = _group(ctx, ctx.model_timer, fns, leaves)
-        for (fusion, backend) in plan:
-            if key((fusion, backend)) not in timings:
-                continue
-            t = timings[key((fusion, backend))]
-            rows.append(ctx.base("fusion", kind="timing", scope="model", model=name,
-                                 model_kwargs=ctx.cfg["model_kwargs"], fusion=fusion, backend=backend,
-                                 form="textbook" if backend in ("reference", "timm") else "fused", mode=mode, B=B,
-                                 timing=t, shapes={"images": [B, 3, size, size]},
-                                 images_per_s=B / (t["median_ms"] * 1e-3)))
-            ctx.log(f"   model {name} {fusion:15s} {backend:9s} {mode:8s} {bc.fmt_ms(t['median_ms'])} ms")
-    del models
+            params = list(m.parameters())
+
+            def fn(m=m, backend=backend, params=params, mode=mode):
+                with ck.use_backend(backend) if backend else contextlib.nullcontext():
+                    if mode == "fwd":
+                        with torch.no_grad():
+                            return m(x)
+                    return torch.autograd.grad(m(x), params, g, allow_unused=True)
+            fns[key] = fn
+        key = dict(section="fusion", scope="model", model=name, B=B, mode=mode)
+        for k, t in ctx.time_group(ctx.model_timer, fns, key).items():
+            fusion, backend = k.split("/")
+            rows.append(dict(scope="model", model=name, fusion=fusion, backend=backend, mode=mode, B=B, **t))
+            ctx.log(f"   model {name} {fusion:15s} {backend:9s} {mode:8s} {t['median_ms']:.4g} ms")
     return rows
 
 
 def section_fusion(ctx: Ctx) -> dict:
+    import harness
     from crossvit_kernels.models import FUSIONS, list_models
     name = ctx.cfg["fusion_model"]
     ctx.log(f"fusion: parameters and MACs (meta device) of {len(FUSIONS)} schemes")
     static = [_scheme_static(name, f, ctx.cfg["model_kwargs"]) for f in FUSIONS]
-    sweep_static = []
     if ctx.cfg["sweep_variants"]:
-        for v in list_models():
-            if v != name:
-                sweep_static += [_scheme_static(v, f, {}, count_model=False) for f in FUSIONS]
-    for s in static + sweep_static:
-        s.update(ctx.base("fusion", kind="static"))
+        static += [_scheme_static(v, f, {}, count_model=False) for v in list_models() if v != name for f in FUSIONS]
     ctx.log(f"fusion: {name} fusion stage (B={ctx.cfg['fusion_batch']})")
-    rows = _fusion_stage_rows(ctx, name, ctx.cfg["fusion_batch"], ("fwd", "fwd+bwd"), ctx.timer)
+    rows = _stage_rows(ctx, name, ctx.cfg["fusion_batch"], ("fwd", "fwd+bwd"), ctx.timer)
     ctx.log(f"fusion: {name} whole model (B={ctx.cfg['model_batch']})")
     rows += _model_rows(ctx, name, ctx.cfg["model_batch"])
     if ctx.cfg["sweep_variants"]:
         # the fusion stage depends only on widths, heads and grids: time each distinct geometry once
-        seen = {}
+        seen: Dict[tuple, List[str]] = {}
         for v in list_models():
-            geo = bc.variant_geometry(v)
-            key = (tuple(geo["embed_dim"]), tuple(geo["num_heads"]), tuple(geo["num_patches"]))
-            seen.setdefault(key, []).append(v)
-        for key, names in seen.items():
-            if name in names:
-                continue
-            ctx.log(f"fusion: sweep {names[0]} geometry (also {', '.join(names[1:]) or '-'}), B={ctx.cfg['sweep_batch']}")
-            for r in _fusion_stage_rows(ctx, names[0], ctx.cfg["sweep_batch"], ("fwd",), ctx.sweep_timer):
-                r["same_geometry"] = names
-                rows.append(r)
-
-    # table: one line per scheme at the main model
-    def t(scope, fusion, backend, mode, model=name):
-        for r in rows:
-            if (r["scope"], r["fusion"], r["backend"], r["mode"], r["model"]) == (scope, fusion, backend, mode, model):
-                return r["timing"]["median_ms"]
-        return None
-    fused = [b for b, w in bc.fused_backends("cross_attention", ctx.device, ctx.dtype,
-                                             ctx.args.allow_interpreter).items() if w is None]
-    best = fused[0] if fused else "reference"
-    none_fwd = {b: t("model", "none", b, "fwd") for b in (best, "reference")}
-    none_fwd["timm"] = none_fwd["reference"]
-    trows = []
-    for s in static:
-        f = s["fusion"]
-        lines = [(best, "fused" if f == "cross_attention" else "-")]
-        if f in ("cross_attention", "none"):
-            lines.append(("reference", "textbook"))
-        for backend, label in lines:
-            fwd = t("model", f, backend, "fwd")
-            trows.append([f, label if f == "cross_attention" else ("textbook" if backend == "reference" else "-"),
-                          f"{s['params'] / 1e6:.2f}", f"{s['params_fusion'] / 1e6:.2f}",
-                          f"{(s['macs_textbook'] if backend == 'reference' else s['macs_fused']) / 1e9:.3f}",
-                          f"{(s['macs_fusion_textbook'] if backend == 'reference' else s['macs_fusion_fused']) / 1e6:.1f}",
-                          bc.fmt_ms(t("fusion_stage", f, backend, "fwd")),
-                          bc.fmt_ms(t("fusion_stage", f, backend, "fwd+bwd")),
-                          bc.fmt_ms(fwd), bc.fmt_ms(t("model", f, backend, "fwd+bwd")),
-                          f"{100 * (fwd / none_fwd[backend] - 1):+.1f}%" if fwd and none_fwd[backend] else "-"])
-    timm_fwd, timm_fb = t("model", "cross_attention", "timm", "fwd"), t("model", "cross_attention", "timm", "fwd+bwd")
-    trows.append(["cross_attention", "timm model", f"{static[0]['params'] / 1e6:.2f}", "", "", "", "", "",
-                  bc.fmt_ms(timm_fwd), bc.fmt_ms(timm_fb), f"{100 * (timm_fwd / none_fwd['timm'] - 1):+.1f}%"
-                  if timm_fwd and none_fwd["timm"] else "-"])
-    ctx.emit(f"Fusion schemes at {name} ({bc.dtype_name(ctx.dtype)}; fusion stage = one multi-scale "
-             f"block's fusion at B={ctx.cfg['fusion_batch']}; model at B={ctx.cfg['model_batch']}; "
-             f"MACs per image; 'vs none' = model fwd against no fusion, same backend; timm model against textbook none)",
-             bc.table(trows, ["fusion", "form", "params M", "fusion params M", "model GMACs", "fusion MMACs",
-                              "stage fwd ms", "stage fwd+bwd ms", "model fwd ms", "model fwd+bwd ms", "vs none"]))
-    if sweep_static:
-        srows = []
-        for v in list_models():
-            per = {s["fusion"]: s for s in static + sweep_static if s["model"] == v}
-            srows.append([v] + [f"{per[f]['params'] / 1e6:.1f} / {per[f]['macs_fused'] / 1e9:.2f}" for f in FUSIONS])
-        ctx.emit("Every variant: params M / GMACs (fused form) per fusion scheme",
-                 bc.table(srows, ["model"] + list(FUSIONS)))
-    return {"static": static + sweep_static, "rows": rows}
+            geo = harness.variant_geometry(v)
+            seen.setdefault((tuple(geo["embed_dim"]), tuple(geo["num_heads"]), tuple(geo["num_patches"])), []).append(v)
+        for names in seen.values():
+            if name not in names:
+                ctx.log(f"fusion: stage of {names[0]}'s geometry (also {', '.join(names[1:]) or '-'}), "
+                        f"B={ctx.cfg['sweep_batch']}")
+                rows += _stage_rows(ctx, names[0], ctx.cfg["sweep_batch"], ("fwd",), ctx.sweep_timer)
+    return {"model": name, "model_kwargs": {k: repr(v) for k, v in ctx.cfg["model_kwargs"].items()},
+            "fusion_batch": ctx.cfg["fusion_batch"], "model_batch": ctx.cfg["model_batch"],
+            "static": harness.make_table(("model", "fusion", "params", "params_fusion", "macs_textbook", "macs_fused",
+                                          "macs_fusion_textbook", "macs_fusion_fused"), static),
+            "rows": harness.make_table(("scope", "model", "fusion", "backend", "mode", "B") + TIMING_COLUMNS[:4], rows)}
 
 
 # ------------------------------------------------------------------------------------------------
-# c. scaling with the token count
+# scaling with the token count
 # ------------------------------------------------------------------------------------------------
 
 
 def section_scaling(ctx: Ctx) -> dict:
+    import torch
+
+    import harness
     from crossvit_kernels.models import create_model
     from crossvit_kernels.ops import cross_attention
-    name = ctx.cfg["fusion_model"]
-    B = ctx.cfg["scaling_batch"]
-    fused = [b for b, w in bc.fused_backends("cross_attention", ctx.device, ctx.dtype,
-                                             ctx.args.allow_interpreter).items() if w is None]
+    name, B = ctx.cfg["fusion_model"], ctx.cfg["scaling_batch"]
+    fused = [b for b in harness.FUSED_BACKENDS
+             if harness.impl_status("cross_attention", b, ctx.device, ctx.dtype, ctx.args.allow_interpreter) is None]
     torch.manual_seed(0)
-    # the all-attention scheme's self-attention layer, and the width and heads it and fusion[0] of
-    # the cross-attention scheme run at (branch 1's)
+    # the all-attention scheme's transformer layer, at the width and heads it runs (branch 1's)
     allatt = create_model(name, fusion="all_attention", **ctx.cfg["model_kwargs"]).blocks[0].fusion
     allatt = allatt.to(ctx.device, ctx.dtype).eval()
     C, H = allatt.attn.qkv.in_features, allatt.attn.num_heads
-    w = [_randn(C, C, ctx=ctx, scale=C ** -0.5) for _ in range(4)]
-    bvec = [_randn(C, ctx=ctx, scale=0.02) for _ in range(4)]
-    gamma, beta = 1 + _randn(C, ctx=ctx, scale=0.1), _randn(C, ctx=ctx, scale=0.1)
+    r = lambda *s, scale=1.0: harness.randn(*s, device=ctx.device, dtype=ctx.dtype, scale=scale)  # noqa: E731
+    w = [r(C, C, scale=C ** -0.5) for _ in range(4)]
+    b = [r(C, scale=0.02) for _ in range(4)]
+    gamma, beta = 1 + r(C, scale=0.1), r(C, scale=0.1)
     rows = []
     for N in ctx.cfg["scaling_N"]:
-        x = _randn(B, N, C, ctx=ctx)
-        impls = [("all_attention", lambda: allatt(x))]
+        x = r(B, N, C)
+        fns = {"all_attention": lambda: allatt(x)}
         for backend in ["reference"] + fused:
-            impls.append((f"cross_attention/{backend}",
-                          partial(cross_attention, x[:, 0], x[:, 1:], gamma, beta, w[0], bvec[0], w[1], bvec[1],
-                                  w[2], bvec[2], w[3], bvec[3], H, 1e-6, backend)))
-        fns = {impl: _fwd(fn) for impl, fn in impls}
-        fns.update(_floor_fns(x))
-        timings = _group(ctx, ctx.timer, fns, graphable=True)
-        floor = {"read_ms": timings["__read"]["median_ms"]}
-        for impl, fn in impls:
-            if impl not in timings:
-                continue
-            t = timings[impl]
-            rows.append(ctx.base("scaling", impl=impl, B=B, N=N, C=C, H=H, mode="fwd", timing=t,
-                                 shapes={"x": [B, N, C]}, floor_bytes_once_ms=floor["read_ms"],
-                                 frac_floor=floor["read_ms"] / t["median_ms"]))
-            ctx.log(f"   scaling N={N:5d} {impl:28s} {bc.fmt_ms(t['median_ms'])} ms")
-        rows.append(ctx.base("scaling", impl="bytes_once", B=B, N=N, C=C, H=H, mode="fwd",
-                             timing=timings["__read"], shapes={"x": [B, N, C]}))
-        del x
-    impls = list(dict.fromkeys(r["impl"] for r in rows))
-    trows = []
-    for N in ctx.cfg["scaling_N"]:
-        sel = {r["impl"]: r["timing"]["median_ms"] for r in rows if r["N"] == N}
-        trows.append([str(N)] + [bc.fmt_ms(sel.get(i)) for i in impls])
-    ctx.emit(f"Scaling with the token count (forward, {bc.dtype_name(ctx.dtype)}, B={B}, C={C}, H={H}; median ms; "
-             f"all_attention = the all-attention scheme's transformer layer of {name} over N tokens; "
-             f"bytes_once = x.sum() of the (B, N, C) tokens)",
-             bc.table(trows, ["N"] + impls))
-    return {"rows": rows}
-
-
-# ------------------------------------------------------------------------------------------------
-# d. patch embedding
-# ------------------------------------------------------------------------------------------------
-
-
-def _pe_configs(models: List[str]) -> List[dict]:
-    out: Dict[tuple, dict] = {}
-    for name in models:
-        g = bc.variant_geometry(name)
-        if g["dagger"]:
-            # dagger models embed with convolutions; the linear op runs at their widths and sizes
-            pass
-        for br in (0, 1):
-            key = (g["branch_sizes"][br], g["patch_sizes"][br], g["embed_dim"][br])
-            e = out.setdefault(key, {"img": key[0], "patch": key[1], "C": key[2], "branch": br, "model_px": g["img_size"],
-                                     "uses": []})
-            e["uses"].append(f"{name}/branch{br}")
-    return list(out.values())
-
-
-def section_patch_embed(ctx: Ctx) -> dict:
-    from timm.models.crossvit import PatchEmbed as TimmPatchEmbed
-    from crossvit_kernels.ops import patch_embed
-    from crossvit_kernels.models import list_models
-    models = ctx.cfg["pe_models"] or list_models()
-    backends = bc.fused_backends("patch_embed", ctx.device, ctx.dtype, ctx.args.allow_interpreter)
-    fused = [b for b, w in backends.items() if w is None]
-    configs = _pe_configs(models)
-    ctx.log(f"patch_embed: {len(configs)} configurations; fused backends: {fused or 'none'}")
-    elt = torch.empty((), dtype=ctx.dtype).element_size()
-    rows = []
-    for ci, c in enumerate(configs):
-        S, p, C = c["img"], c["patch"], c["C"]
-        P, K = (S // p) ** 2, 3 * p * p
-        B = ctx.cfg["pe_batch"]
-        if ctx.cfg["pe_mac_budget"] and not any(u.startswith(HEADLINE_MODEL + "/") for u in c["uses"]):
-            B = int(max(4, min(B, ctx.cfg["pe_mac_budget"] // (P * K * C))))
-        ctx.log(f"patch_embed [{ci + 1}/{len(configs)}] B={B} {S}px p={p} C={C} ({', '.join(c['uses'])})")
-        torch.manual_seed(ci)
-        pe = TimmPatchEmbed(img_size=S, patch_size=p, embed_dim=C).to(ctx.device, ctx.dtype)
-        cls = _randn(1, 1, C, ctx=ctx, requires_grad=True, scale=0.02)
-        pos = _randn(1, 1 + P, C, ctx=ctx, requires_grad=True, scale=0.02)
-        img = _randn(B, 3, S, S, ctx=ctx)
-        g = _randn(B, 1 + P, C, ctx=ctx)
-        leaves = [pe.proj.weight, pe.proj.bias, cls, pos]
-
-        def timm_fn():
-            x = pe(img)
-            return torch.cat([cls.expand(B, -1, -1), x], dim=1) + pos
-
-        impls = [("timm", timm_fn)] + [(b, partial(patch_embed, img, pe.proj.weight, pe.proj.bias, pos, cls, b))
-                                       for b in ["reference"] + fused]
-        macs = bc.pe_macs(B, P, C, K)
-        for mode in ("fwd", "fwd+bwd"):
-            mult = 1 if mode == "fwd" else 2  # images need no gradient: backward is the weight GEMM only
-            nbytes = bc.pe_bytes(B, 3, S, S, P, C, K, elt, mode)
-            roof = roofline_ms(ctx, nbytes, macs * mult, rw=True)
-            if mode == "fwd":
-                timings = _group(ctx, ctx.timer, {impl: _fwd(fn) for impl, fn in impls}, graphable=True)
-            else:
-                timings = _group(ctx, ctx.timer, {impl: _fwd_bwd(fn, [g]) for impl, fn in impls},
-                                          {impl: leaves for impl, _ in impls})
-            for impl, fn in impls:
-                if impl not in timings:
-                    continue
-                t = timings[impl]
-                med_s = t["median_ms"] * 1e-3
-                rows.append(ctx.base("patch_embed", uses=c["uses"], B=B, img=S, patch=p, C=C, P=P, impl=impl,
-                                     backend=None if impl == "timm" else impl, mode=mode, timing=t,
-                                     shapes={"images": [B, 3, S, S], "weight": [C, 3, p, p], "out": [B, 1 + P, C]},
-                                     macs=macs * mult, bytes_model=nbytes, roofline_ms=roof,
-                                     frac_roofline=roof / t["median_ms"], gmacs_per_s=macs * mult / med_s / 1e9,
-                                     gb_per_s=nbytes / med_s / 1e9))
-                ctx.log(f"   {mode:8s} {impl:10s} {bc.fmt_ms(t['median_ms'])} ms")
-        del pe, img, g
-    impls = ["timm", "reference"] + fused
-    trows = []
-    for c in configs:
-        for mode in ("fwd", "fwd+bwd"):
-            sel = {r["impl"]: r for r in rows if (r["img"], r["patch"], r["C"]) == (c["img"], c["patch"], c["C"])
-                   and r["mode"] == mode}
-            if "timm" not in sel:
-                continue
-            best = min((sel[b] for b in fused if b in sel), key=lambda r: r["timing"]["median_ms"], default=None)
-            trows.append([f"{c['img']}px p{c['patch']} C={c['C']}", str(sel["timm"]["B"]), mode]
-                         + [bc.fmt_ms(sel[i]["timing"]["median_ms"]) if i in sel else "-" for i in impls]
-                         + [f"{sel['timm']['timing']['median_ms'] / best['timing']['median_ms']:.2f}x" if best else "-",
-                            f"{100 * best['frac_roofline']:.0f}%" if best else "-"])
-    ctx.emit(f"Patch embedding ({bc.dtype_name(ctx.dtype)}; median ms; timm = PatchEmbed + cat + add)",
-             bc.table(trows, ["input", "B", "mode"] + [f"{i} ms" for i in impls] + ["fused vs timm",
-                                                                                 "fused % of roofline"]))
-    return {"backends": {b: (w or "available") for b, w in backends.items()}, "rows": rows}
-
-
-# ------------------------------------------------------------------------------------------------
-# per-kernel fraction of the floor (end of the roofline section)
-# ------------------------------------------------------------------------------------------------
-
-
-def kernel_floors(ctx: Ctx, result: dict) -> List[dict]:
-    out = []
-    for sec, key in (("cross_attention", ("N", "C", "H")), ("patch_embed", ("img", "patch", "C"))):
-        for r in result.get(sec, {}).get("rows", []):
-            if r["impl"] in ("timm", "reference"):
-                continue
-            out.append({"kernel": sec, "backend": r["impl"], "mode": r["mode"], "B": r["B"],
-                        "shape": {k: r[k] for k in key}, "median_ms": r["timing"]["median_ms"],
-                        "roofline_ms": r["roofline_ms"], "frac_roofline": r["frac_roofline"],
-                        "frac_floor_measured": r.get("frac_floor"), "gb_per_s": r["gb_per_s"],
-                        "gmacs_per_s": r["gmacs_per_s"]})
-    if out:
-        trows = [[k["kernel"], k["backend"], k["mode"], " ".join(f"{a}={b}" for a, b in k["shape"].items()),
-                  str(k["B"]), bc.fmt_ms(k["median_ms"]), bc.fmt_ms(k["roofline_ms"]),
-                  f"{100 * k['frac_roofline']:.0f}%", f"{k['gb_per_s']:.1f}", f"{k['gmacs_per_s']:.1f}"]
-                 for k in out]
-        ctx.emit(f"Fused kernels against the roofline ({bc.dtype_name(ctx.dtype)}; roofline = max(bytes / measured "
-                 f"bandwidth, MACs / measured GEMM rate))",
-                 bc.table(trows, ["kernel", "backend", "mode", "shape", "B", "ms", "roofline ms", "% of roofline",
-                                  "GB/s", "GMAC/s"]))
-    return out
-
-
-# ------------------------------------------------------------------------------------------------
-# plots
-# ------------------------------------------------------------------------------------------------
-
-
-def make_plots(results: dict, out: str) -> List[str]:
-    try:
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except Exception as exc:  # plots are optional; the JSON is the result
-        print(f"plots skipped: matplotlib unavailable ({exc})")
-        return []
-    written = []
-    dev = results["environment"]["device"]
-    for dname, per in results["by_dtype"].items():
-        sc = per.get("scaling", {}).get("rows", [])
-        if sc:
-            fig, ax = plt.subplots(figsize=(7, 5))
-            for impl in dict.fromkeys(r["impl"] for r in sc):
-                pts = sorted((r["N"], r["timing"]["median_ms"]) for r in sc if r["impl"] == impl)
-                style = dict(ls="--", color="k") if impl == "bytes_once" else dict(marker="o")
-                ax.plot([p[0] for p in pts], [p[1] for p in pts], label=impl.replace("bytes_once", "bytes once (x.sum())"),
-                        **style)
-            r0 = sc[0]
-            ax.set_xscale("log")
-            ax.set_yscale("log")
-            ax.set_xlabel("tokens N")
-            ax.set_ylabel("forward time (ms)")
-            ax.set_title(f"Fusion cost vs tokens (B={r0['B']}, C={r0['C']}, H={r0['H']}, {dname})\n{dev}", fontsize=9)
-            ax.grid(True, which="both", alpha=0.3)
-            ax.legend(fontsize=8)
-            path = os.path.join(out, f"scaling_{dname}.png")
-            fig.tight_layout()
-            fig.savefig(path, dpi=110)
-            plt.close(fig)
-            written.append(path)
-        ca = per.get("cross_attention", {}).get("rows", [])
-        if ca:
-            fig, axes = plt.subplots(1, 2, figsize=(11, 4.5), sharey=True)
-            for ax, mode in zip(axes, ("fwd", "fwd+bwd")):
-                shapes = list(dict.fromkeys((r["N"], r["C"], r["H"]) for r in ca))
-                impls = list(dict.fromkeys(r["impl"] for r in ca))
-                width = 0.8 / len(impls)
-                for k, impl in enumerate(impls):
-                    ys = []
-                    for s in shapes:
-                        sel = {r["impl"]: r["timing"]["median_ms"] for r in ca
-                               if (r["N"], r["C"], r["H"]) == s and r["mode"] == mode}
-                        ys.append(sel["timm"] / sel[impl] if impl in sel else 0)
-                    ax.bar([i + k * width for i in range(len(shapes))], ys, width, label=impl)
-                ax.set_xticks([i + 0.4 - width / 2 for i in range(len(shapes))])
-                ax.set_xticklabels([f"N{s[0]}\nC{s[1]}" for s in shapes], fontsize=7)
-                ax.set_yscale("log")
-                ax.axhline(1.0, color="k", lw=0.8)
-                ax.set_title(f"{mode}: speed-up over timm ({dname})", fontsize=9)
-                ax.grid(True, axis="y", which="both", alpha=0.3)
-            axes[0].legend(fontsize=8)
-            fig.suptitle(dev, fontsize=9)
-            path = os.path.join(out, f"cross_attention_{dname}.png")
-            fig.tight_layout()
-            fig.savefig(path, dpi=110)
-            plt.close(fig)
-            written.append(path)
-        fu = per.get("fusion", {})
-        model_rows = [r for r in fu.get("rows", []) if r["scope"] == "model"]
-        if model_rows:
-            fig, axes = plt.subplots(1, 2, figsize=(11, 4.5))
-            labels, fwd, fb = [], [], []
-            for (f, b) in dict.fromkeys((r["fusion"], r["backend"]) for r in model_rows):
-                sel = {r["mode"]: r["timing"]["median_ms"] for r in model_rows if (r["fusion"], r["backend"]) == (f, b)}
-                labels.append(f"{f}\n({b})")
-                fwd.append(sel.get("fwd", 0))
-                fb.append(sel.get("fwd+bwd", 0))
-            xs = range(len(labels))
-            axes[0].bar([x - 0.2 for x in xs], fwd, 0.4, label="fwd")
-            axes[0].bar([x + 0.2 for x in xs], fb, 0.4, label="fwd+bwd")
-            axes[0].set_xticks(list(xs))
-            axes[0].set_xticklabels(labels, fontsize=6, rotation=30)
-            axes[0].set_ylabel("ms")
-            axes[0].legend(fontsize=8)
-            axes[0].set_title(f"whole model {model_rows[0]['model']} B={model_rows[0]['B']} ({dname})", fontsize=9)
-            st = fu.get("static", [])
-            main = [s for s in st if s["model"] == model_rows[0]["model"]]
-            axes[1].bar([s["fusion"] for s in main], [s["macs_fused"] / 1e9 for s in main])
-            axes[1].set_ylabel("GMACs per image (fused form)")
-            axes[1].tick_params(axis="x", labelsize=7, rotation=20)
-            axes[1].set_title("multiply-adds", fontsize=9)
-            fig.suptitle(dev, fontsize=9)
-            fig.tight_layout()
-            path = os.path.join(out, f"fusion_{dname}.png")
-            fig.savefig(path, dpi=110)
-            plt.close(fig)
-            written.append(path)
-        pe = per.get("patch_embed", {}).get("rows", [])
-        if pe:
-            fig, ax = plt.subplots(figsize=(9, 4.5))
-            cfgs = list(dict.fromkeys((r["img"], r["patch"], r["C"]) for r in pe))
-            impls = list(dict.fromkeys(r["impl"] for r in pe))
-            width = 0.8 / (len(impls) * 2)
-            k = 0
-            for mode in ("fwd", "fwd+bwd"):
-                for impl in impls:
-                    ys = []
-                    for c in cfgs:
-                        sel = {r["impl"]: r["timing"]["median_ms"] for r in pe
-                               if (r["img"], r["patch"], r["C"]) == c and r["mode"] == mode}
-                        ys.append(sel.get(impl, 0))
-                    ax.bar([i + k * width for i in range(len(cfgs))], ys, width, label=f"{impl} {mode}")
-                    k += 1
-            ax.set_xticks([i + 0.4 - width / 2 for i in range(len(cfgs))])
-            ax.set_xticklabels([f"{c[0]}px p{c[1]}\nC{c[2]}" for c in cfgs], fontsize=7)
-            ax.set_ylabel("ms")
-            ax.set_yscale("log")
-            ax.legend(fontsize=7, ncol=2)
-            ax.set_title(f"patch embedding ({dname})\n{dev}", fontsize=9)
-            fig.tight_layout()
-            path = os.path.join(out, f"patch_embed_{dname}.png")
-            fig.savefig(path, dpi=110)
-            plt.close(fig)
-            written.append(path)
-    return written
+            fns[f"cross_attention/{backend}"] = (
+                lambda backend=backend: cross_attention(x[:, 0], x[:, 1:], gamma, beta, w[0], b[0], w[1], b[1],
+                                                        w[2], b[2], w[3], b[3], H, 1e-6, backend))
+        fns["read"] = lambda: x.sum()
+        fns = {k: harness._forward(f) for k, f in fns.items()}
+        timings = ctx.time_group(ctx.timer, fns, dict(section="scaling", N=N, B=B, C=C, H=H), graph=True)
+        for impl, t in timings.items():
+            rows.append(dict(N=N, impl=impl, **t))
+        ctx.log(f"   scaling N={N:5d} " + ", ".join(f"{k} {_ms(v)}" for k, v in timings.items()))
+    return {"model": name, "B": B, "C": C, "H": H,
+            "rows": harness.make_table(("N", "impl") + TIMING_COLUMNS, rows)}
 
 
 # ------------------------------------------------------------------------------------------------
@@ -921,121 +522,169 @@ def make_plots(results: dict, out: str) -> List[str]:
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+    import load
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], epilog=__doc__.split("\n\n", 1)[1],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--quick", action="store_true", help="tiny shapes and repeats (CI smoke, < 60 s)")
-    p.add_argument("--out", default=None, help="output folder (default benchmarks/out/<device-tag>/)")
+    p.add_argument("--quick", action="store_true", help="tiny shapes and repeats (smoke run, < 60 s)")
+    p.add_argument("--out", default=None, help="output folder (default benchmarks/out/<tag>/)")
     p.add_argument("--results", action="store_true",
-                   help="also copy the JSON, summary and plots into benchmarks/results/<device-tag>/")
+                   help="also copy results.json, summary.md and the plots into benchmarks/results/<tag>/")
+    p.add_argument("--results-dir", default=None,
+                   help="with --results: this folder instead of benchmarks/results/<tag>/")
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
-    p.add_argument("--dtypes", default=None, help="comma list: fp32, bf16, fp16 (default fp32 on CPU, bf16,fp32 on CUDA)")
+    p.add_argument("--dtypes", default=None, help="comma list of fp32, bf16, fp16 (default fp32 on the CPU, bf16,fp32 "
+                                                  "on a GPU)")
     p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: all cores)")
-    p.add_argument("--batch", type=int, default=None, help="batch of the cross-attention and patch-embedding rows")
     p.add_argument("--sections", default=",".join(SECTIONS), help=f"comma list of {', '.join(SECTIONS)}")
+    p.add_argument("--models", default=None,
+                   help="comma list of variant names or patterns for the op sections (default: all 11)")
+    p.add_argument("--batches", default=None, help="comma list of batch sizes of the op sections (default: the "
+                                                   "device's: 64 on a CPU, 256 on a GPU)")
+    p.add_argument("--impls", default=None, help="comma list of the op sections' variants (default: timm, reference, "
+                                                 "every fused backend here; on a GPU also sdpa, triton-unfused, "
+                                                 "triton-core; see harness.CA_EXTRA)")
+    p.add_argument("--modes", default="fwd,fwd+bwd", help="fwd, fwd+bwd or both (op sections)")
+    p.add_argument("--load", default="none", help=f"background load during the run: {load.KINDS_HELP}")
     p.add_argument("--no-plots", action="store_true")
     p.add_argument("--allow-interpreter", action="store_true",
-                   help="also time the Triton backend on CPU tensors under TRITON_INTERPRET=1 (very slow)")
-    p.add_argument("--note", action="append", default=[], help="free text recorded in the JSON (repeatable)")
+                   help="on the CPU, also run the Triton variants under TRITON_INTERPRET=1 (very slow; a smoke test "
+                        "of the GPU sweep's code paths)")
+    p.add_argument("--note", action="append", default=[], help="free text recorded with the results (repeatable)")
     args = p.parse_args(argv)
     bad = set(args.sections.split(",")) - set(SECTIONS)
     if bad:
         p.error(f"unknown sections {sorted(bad)}; choose from {', '.join(SECTIONS)}")
+    bad = set(args.modes.split(",")) - {"fwd", "fwd+bwd"}
+    if bad:
+        p.error(f"unknown modes {sorted(bad)}; choose from fwd, fwd+bwd")
+    try:
+        load.parse_kind(args.load)
+    except ValueError as exc:
+        p.error(str(exc))
+    if args.batches:
+        try:
+            args.batches = [int(b) for b in args.batches.split(",")]
+        except ValueError:
+            p.error(f"--batches takes a comma list of integers, got {args.batches!r}")
     return args
 
 
 def main(argv=None) -> int:
     args = parse_args(argv)
+    if args.allow_interpreter:
+        os.environ.setdefault("TRITON_INTERPRET", "1")  # before anything imports Triton
+    import torch
+
+    import harness
+    import load
+    import report
+    from crossvit_kernels.info import device_tag, environment
+
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     if device.type == "cuda" and not torch.cuda.is_available():
-        print("error: --device cuda but no CUDA device is visible", file=sys.stderr)
+        print("error: --device cuda, but no CUDA device is visible", file=sys.stderr)
         return 2
     threads = args.threads or os.cpu_count() or 1
     torch.set_num_threads(threads)
-    dnames = (args.dtypes or ("bf16,fp32" if device.type == "cuda" else "fp32")).split(",")
-    dtypes = [bc.DTYPES[d.strip().lower()] for d in dnames]
-    cfg = make_config(args.quick, device, args.batch)
+    try:
+        dtypes = [harness.parse_dtype(d.strip()) for d in
+                  (args.dtypes or ("bf16,fp32" if device.type == "cuda" else "fp32")).split(",")]
+    except ValueError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    cfg = make_config(args.quick, device.type)
+    if args.batches:
+        cfg["batches"] = args.batches
     ctx = Ctx(args, device, cfg)
-    tag = bc.device_tag(device)
-    out = args.out or os.path.join(HERE, "out", tag)
+    env = environment(device)
+    tag = device_tag(device)
+    out = args.out or os.path.join(harness.OUT_DIR, tag)
     os.makedirs(out, exist_ok=True)
     sections = [s for s in SECTIONS if s in args.sections.split(",")]
     if "roofline" not in sections:
         sections.insert(0, "roofline")  # every other section reports against it
-    ctx.log(f"crossvit-kernels benchmarks on {ctx.env['device']} ({device.type}, {threads} threads), "
-            f"dtypes {[bc.dtype_name(d) for d in dtypes]}, {'quick' if args.quick else 'full'} mode -> {out}")
-    ctx.log(f"versions: {ctx.env['versions']}; load average at start: {ctx.env['load_average']}")
-    if device.type == "cpu" and threads > 1:
-        snap = ctx.load.snapshot()
+    monitor = CpuLoad()
+    ctx.log(f"crossvit-kernels benchmarks on {env['device']} ({device.type}, {threads} threads), dtypes "
+            f"{[harness.dtype_name(d) for d in dtypes]}, {'quick' if args.quick else 'full'} mode, load {args.load} "
+            f"-> {out}")
+    ctx.log(f"versions: {env['versions']}; commit {env['commit']}; load average {env['load_average']}")
+    notes = list(args.note)
+    if device.type == "cpu" and threads > 1 and args.load == "none":
+        snap = monitor.snapshot()
         time.sleep(0.5)
-        busy = ctx.load.others_cores(snap)
+        busy = monitor.others_cores(snap)
         if busy is not None and busy > 0.5:
-            msg = (f"other processes are using {busy} cores: with {threads} threads the OpenMP regions stall "
-                   f"whenever a core is taken; --threads 1 gives steadier numbers on a shared machine")
+            msg = (f"other processes were using {busy} cores at the start: with {threads} threads the OpenMP "
+                   f"regions stall whenever a core is taken; --threads 1 gives steadier numbers on a shared machine")
             ctx.log("WARNING: " + msg)
-            args.note.append(msg)
+            notes.append(msg)
 
-    results = {"schema": SCHEMA_VERSION, "mode": "quick" if args.quick else "full", "environment": ctx.env,
-               "config": {k: v for k, v in cfg.items()}, "argv": sys.argv[1:], "notes": list(args.note),
-               "conventions": bc.__doc__.split("Conventions (stated once, used everywhere):", 1)[-1].strip(),
-               "by_dtype": {}, "section_load": {}, "failed": []}
+    doc = {"schema": SCHEMA, "mode": "quick" if args.quick else "full", "tag": tag, "environment": env,
+           "load": args.load, "argv": sys.argv[1:] if argv is None else list(argv), "notes": notes,
+           "settings": {k: v for k, v in cfg.items() if k != "model_kwargs"}, "by_dtype": {}, "section_seconds": {},
+           "failed": [], "errors": ctx.errors, "partial": True}
+    path = os.path.join(out, "results.json")
+    dest = (args.results_dir or os.path.join(harness.RESULTS_DIR, tag)) if args.results else None
+    if dest and os.path.exists(os.path.join(dest, "results.json")):
+        # this run replaces the sections; the end-to-end rows merged there earlier stay
+        old = harness.read_results(os.path.join(dest, "results.json"))
+        if old.get("e2e"):
+            doc["e2e"] = old["e2e"]
+
+    def save():
+        harness.write_results(path, doc)
+        if dest:
+            harness.write_results(os.path.join(dest, "results.json"), doc)
+    ctx.save = save
     status = 0
-    for dtype in dtypes:
-        ctx.dtype = dtype
-        dn = bc.dtype_name(dtype)
-        per: Dict[str, dict] = {}
-        results["by_dtype"][dn] = per
-        for sec in sections:
-            snap = ctx.load.snapshot()
-            t0 = time.perf_counter()
-            ctx.log(f"== section {sec} ({dn}) ==")
-            try:
-                per[sec] = globals()[f"section_{sec}"](ctx)
-            except Exception as exc:  # one broken section must not hide the others
-                import traceback
-                traceback.print_exc()
-                per[sec] = {"error": f"{type(exc).__name__}: {exc}", "rows": []}
-                results["failed"].append(f"{dn}/{sec}")
-                status = 1
-                if sec == "roofline":
-                    ctx.roof = {"read_gbs": float("nan"), "copy_gbs": float("nan"), "gemm_gmacs": float("nan")}
-            per[sec]["elapsed_s"] = round(time.perf_counter() - t0, 1)
-            results["section_load"][f"{dn}/{sec}"] = {"elapsed_s": per[sec]["elapsed_s"],
-                                                     "other_processes_cores": ctx.load.others_cores(snap)}
-            torch.manual_seed(0)
-        if "roofline" in per and "error" not in per["roofline"]:
-            per["roofline"]["kernels"] = kernel_floors(ctx, per)
-    results["runtime_s"] = round(time.perf_counter() - ctx.t0, 1)
-    results["errors"] = ctx.errors
+    with load.generate(args.load, log=ctx.log):
+        for dtype in dtypes:
+            ctx.dtype = dtype
+            per: Dict[str, dict] = {}
+            doc["by_dtype"][ctx.dname] = ctx.per = per
+            for sec in sections:
+                snap, t0 = monitor.snapshot(), time.perf_counter()
+                ctx.log(f"== section {sec} ({ctx.dname}) ==")
+                try:
+                    per[sec] = globals()[f"section_{sec}"](ctx)
+                except Exception as exc:  # one broken section must not hide the others
+                    traceback.print_exc()
+                    per[sec] = dict(per.get(sec, {}), error=f"{type(exc).__name__}: {exc}"[:500])
+                    doc["failed"].append(f"{ctx.dname}/{sec}")
+                    status = 1
+                    if sec == "roofline":
+                        break  # nothing else can be reported against it
+                doc["section_seconds"][f"{ctx.dname}/{sec}"] = {
+                    "elapsed_s": round(time.perf_counter() - t0, 1),
+                    "other_processes_cores": monitor.others_cores(snap)}
+                save()
+    doc.pop("partial")
+    doc["runtime_s"] = round(time.perf_counter() - ctx.t0, 1)
     if ctx.errors:
-        results["failed"] += [f"{e['dtype']}/{e['what']}" for e in ctx.errors]
+        doc["failed"] += sorted({f"{e['dtype']}/{e['section']}/{e['impl']}" for e in ctx.errors})
         status = 1
-    others = ctx.load.others_cores()
-    results["other_processes_cores"] = others
-    results["load_average_end"] = bc.load_average()
-    if others is not None and others > 0.25:
-        results["notes"].append(f"machine busy: other processes used {others} cores on average during the run "
-                                f"(of {os.cpu_count()}); timings are pessimistic and noisier than on an idle machine")
-    path = os.path.join(out, "bench.json")
-    bc.write_json(path, results)
-    with open(os.path.join(out, "summary.md"), "w") as f:
-        f.write(f"# crossvit-kernels benchmarks ({results['mode']})\n\n")
-        f.write(f"- device: {ctx.env['device']} ({device.type}), {threads} threads, dtypes {dnames}\n")
-        f.write(f"- versions: {ctx.env['versions']}\n- runtime: {results['runtime_s']} s; other processes used "
-                f"{others} cores on average; load average {ctx.env['load_average']} -> {results['load_average_end']}\n")
-        for n in results["notes"]:
-            f.write(f"- note: {n}\n")
-        f.write("".join(ctx.summary))
-    plots = [] if args.no_plots else make_plots(results, out)
-    ctx.log(f"wrote {path}, summary.md and {len(plots)} plots; runtime {results['runtime_s']} s; "
-            f"other processes used {others} cores on average")
-    if args.results:
-        dest = os.path.join(HERE, "results", tag)
-        os.makedirs(dest, exist_ok=True)
-        for f in ["bench.json", "summary.md"] + [os.path.basename(p) for p in plots]:
-            shutil.copy2(os.path.join(out, f), os.path.join(dest, f))
-        ctx.log(f"copied results to {dest}")
-    if results["failed"]:
-        print(f"FAILED sections: {results['failed']}", file=sys.stderr)
+    others = monitor.others_cores()
+    doc["other_processes_cores"] = others
+    try:
+        doc["load_average_end"] = [round(v, 2) for v in os.getloadavg()]
+    except OSError:
+        doc["load_average_end"] = None
+    if others is not None and others > 0.25 and args.load == "none":
+        doc["notes"].append(f"machine busy: other processes used {others} cores on average during the run (of "
+                            f"{os.cpu_count()}); timings are pessimistic and noisier than on an idle machine")
+    save()
+    with open(os.path.join(out, "samples.json"), "w") as f:
+        json.dump({"tag": tag, "environment": env, "samples": ctx.samples}, f)
+    written = report.write(out, doc, plots=not args.no_plots)
+    print(report.render(doc), flush=True)
+    ctx.log(f"wrote {path}, samples.json, {', '.join(os.path.basename(w) for w in written)}; runtime "
+            f"{doc['runtime_s']} s; other processes used {others} cores on average")
+    if dest:
+        for f in written:
+            shutil.copy2(f, os.path.join(dest, os.path.basename(f)))
+        ctx.log(f"wrote the results to {dest}")
+    if doc["failed"]:
+        print(f"FAILED: {doc['failed']}", file=sys.stderr)
     return status
 
 

@@ -7,8 +7,9 @@ Shaped like timm's ``benchmark.py``::
 
 For every model it builds timm's CrossVit (random weights, or ``--checkpoint``) and, from the same
 state_dict, the variants below; checks that their logits agree with timm eager's (within the
-tolerance of the precision) before timing anything; then times them interleaved, one step of
-each variant per round, so that a noisy machine slows all of them alike:
+tolerance of the precision) before timing anything; then times them with the project's one timer
+(:mod:`crossvit_kernels.timing`): interleaved, one step of each variant per round, so that a
+noisy machine slows all of them alike (CUDA: events, each step started on an idle device):
 
     timm           timm eager (the baseline every speedup is measured against)
     timm+compile   torch.compile(timm model)                               (--compile)
@@ -22,9 +23,10 @@ cross-entropy on random labels, backward and an SGD step (as in timm's benchmark
 variant: images/s, step time (median, 25th/75th percentile, min), speedup against timm eager,
 the textbook multiply-add count of the unpatched timm model (``torch.utils.flop_counter`` on one
 image; a training step counts three times the forward) and the effective GMAC/s it implies at
-the measured speed, plus device, dtype, threads, backend and versions on every row. The process
-CPU time per step (``cpu_ms_median``) is recorded too: on a machine shared with other jobs it is
-far steadier than the wall-clock time (it still counts the worker threads' spin-waiting).
+the measured speed, plus device, dtype, threads, backend, versions and commit on every row
+(:func:`crossvit_kernels.info.environment`). The process CPU time per step (``cpu_ms_median``) is
+recorded too: on a machine shared with other jobs it is far steadier than the wall-clock time (it
+still counts the worker threads' spin-waiting).
 """
 from __future__ import annotations
 
@@ -36,14 +38,15 @@ import functools
 import json
 import math
 import os
-import platform
-import statistics
 import sys
 import time
 from typing import Dict, List, Optional
 
 import torch
 import torch.nn as nn
+
+from .info import environment
+from .timing import Timer
 
 __all__ = ["main", "parse_args", "run"]
 
@@ -112,26 +115,6 @@ class _Progress:
             print(msg, end=end, file=sys.stderr, flush=True)
 
 
-def _device_name(device: torch.device) -> str:
-    if device.type == "cuda":
-        return torch.cuda.get_device_name(device)
-    name = platform.processor() or platform.machine()
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    name = line.split(":", 1)[1].strip()
-                    break
-    except OSError:
-        pass
-    return f"{name} ({torch.get_num_threads()} threads)"
-
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
 def _expand_models(patterns: List[str]) -> List[str]:
     from .models import list_models
     names: List[str] = []
@@ -165,8 +148,6 @@ class _Runner:
         self.amp = amp
         self.model = model.train(train)
         self.fn = torch.compile(model, mode=compile_mode) if compiled else model
-        self.times: List[float] = []
-        self.cpu_times: List[float] = []   # process CPU time per step: robust to a shared machine
         if train:
             self.opt = torch.optim.SGD(model.parameters(), lr=1e-4)
             g = torch.Generator().manual_seed(0)
@@ -195,13 +176,6 @@ class _Runner:
         else:
             with torch.no_grad():   # as timm's benchmark does
                 self.fn(self.images)
-
-
-def _summary(times: List[float]) -> Dict[str, float]:
-    ts = sorted(times)
-    q = statistics.quantiles(ts, n=4, method="inclusive") if len(ts) >= 2 else [ts[0]] * 3
-    return dict(step_ms_median=statistics.median(ts) * 1e3, step_ms_p25=q[0] * 1e3, step_ms_p75=q[2] * 1e3,
-                step_ms_min=ts[0] * 1e3, step_ms_max=ts[-1] * 1e3)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -237,11 +211,17 @@ def run(args: argparse.Namespace) -> List[Dict[str, object]]:
         xattn_backend = _backends.resolve_backend("cross_attention", args.backend, device, dtype)
     except RuntimeError as exc:
         xattn_backend = f"unavailable: {exc}"
-    common = dict(device=str(device), device_name=_device_name(device), dtype=str(dtype).replace("torch.", "") + (
+    env = environment(device)
+    common = dict(device=str(device), device_name=env["device"] + (
+                      f" ({env['threads']} threads)" if device.type == "cpu" else ""),
+                  dtype=str(dtype).replace("torch.", "") + (
                       f"+autocast({str(amp).replace('torch.', '')})" if amp is not None else ""),
-                  batch_size=args.batch_size, channels_last=bool(args.channels_last), threads=torch.get_num_threads(),
+                  batch_size=args.batch_size, channels_last=bool(args.channels_last), threads=env["threads"],
                   backend=xattn_backend, torch=torch.__version__, timm=timm.__version__,
-                  crossvit_kernels=ck.__version__, python=platform.python_version())
+                  crossvit_kernels=ck.__version__, python=env["versions"]["python"], commit=env["commit"])
+    # whole steps are far larger than the GPU's L2 cache: no flush between them
+    timer = Timer(device, warmup=args.num_warm_iter, min_reps=args.num_bench_iter, max_reps=args.num_bench_iter,
+                  budget_s=0.0, flush_l2=False)
     rows: List[Dict[str, object]] = []
     g = torch.Generator().manual_seed(args.seed)
 
@@ -315,33 +295,22 @@ def run(args: argparse.Namespace) -> List[Dict[str, object]]:
             for r in runners:   # restore train/eval mode after the checks
                 r.model.train(train)
 
-            for it in range(args.num_warm_iter):
-                say(f"\r[{name}] {bench}: warm-up {it + 1}/{args.num_warm_iter}", end="")
-                for r in runners:
-                    r.step()
-                    _sync(device)
-            say("")
-            for it in range(args.num_bench_iter):
-                say(f"\r[{name}] {bench}: round {it + 1}/{args.num_bench_iter}", end="")
-                for r in runners:
-                    _sync(device)
-                    t0, c0 = time.perf_counter(), time.process_time()
-                    r.step()
-                    _sync(device)
-                    r.times.append(time.perf_counter() - t0)
-                    r.cpu_times.append(time.process_time() - c0)
-            say("")
+            def progress(stage, i, n, name=name, bench=bench):
+                say(f"\r[{name}] {bench}: {stage} {i}/{n}", end="\n" if i == n else "")
 
-            base = statistics.median(runners[0].times)
+            timings = timer.group({r.name: r.step for r in runners}, catch=False, progress=progress)
+            base = timings["timm"]["median_ms"] / 1e3
             for r in runners:
-                s = _summary(r.times)
+                t = timings[r.name]
+                s = dict(step_ms_median=t["median_ms"], step_ms_p25=t["q25_ms"], step_ms_p75=t["q75_ms"],
+                         step_ms_min=t["min_ms"], step_ms_max=t["max_ms"])
                 is_deit = r.name == "deit_small"
                 gmac = (deit_macs if is_deit else macs) * (3.0 if train else 1.0)
                 med = s["step_ms_median"] / 1e3
                 diff = checks.get(r.name)
                 rows.append(dict(
                     model=YARDSTICK if is_deit else name, variant=r.name, bench=bench,
-                    img_per_s=args.batch_size / med, **s, cpu_ms_median=statistics.median(r.cpu_times) * 1e3,
+                    img_per_s=args.batch_size / med, **s, cpu_ms_median=t["cpu_ms"],
                     speedup_vs_timm=(base / med) if not is_deit else float("nan"),
                     gmac_per_img=gmac, gmac_per_s=gmac * args.batch_size / med,
                     check_max_rel_diff=float("nan") if diff is None else diff,

@@ -1,6 +1,6 @@
 """Where a whole CrossViT step spends its time, by kind of work, for timm and for this package.
 
-    python benchmarks/profile_e2e.py --model crossvit_18_dagger_240 --bench train --batch-size 16
+    python tools/profile_e2e.py --model crossvit_18_dagger_240 --bench train --batch-size 16
         [--variants timm,patched,ours] [--steps 2] [--threads 2] [--device cpu]
 
 Profiles ``--steps`` steps of each variant (after two warm-up steps each), one step of each
