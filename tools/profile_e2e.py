@@ -8,8 +8,8 @@ variant per round, with ``torch.profiler``, and sums the self time of its ops in
 the linear layers' GEMMs, self-attention (SDPA), convolutions, the fused ops of this package, and
 everything else (element-wise, LayerNorm, copies, reductions). It shows what the package can still
 win on a device: only the groups it changes. Times under the profiler run a little slower than
-unprofiled; compare the variants within one run. CPU ops by default; with ``--device cuda`` the CUDA kernels are grouped instead
-(that path has not run on a GPU yet).
+unprofiled; compare the variants within one run. CPU ops by default; with ``--device cuda`` the
+CUDA kernels are grouped instead (that path has not run on a GPU yet).
 """
 from __future__ import annotations
 
