@@ -49,11 +49,19 @@ _ARGS = dict(img_size=48, img_scale=(1.0, 1.0), patch_size=(12, 16), embed_dim=(
              num_heads=(2, 4), mlp_ratio=(2.0, 2.0, 1.0), num_classes=5)
 
 
+def _config(kw):
+    cfg = dict(_ARGS, **kw)
+    if kw.get("multi_conv") and "img_scale" not in kw:
+        cfg["img_scale"] = (1.0, 2 / 3)
+    return cfg
+
+
 def _timm(**kw):
     """A one-block timm CrossVit at 48 px (4x4 and 3x3 patch grids) with non-trivial LayerNorm
-    affines and biases."""
+    affines and biases. The dagger configuration also resizes the second branch's input (to 32 px,
+    a 2x2 grid), as the 240 and 408 px variants do."""
     torch.manual_seed(0)
-    m = tc.CrossVit(**dict(_ARGS, **kw))
+    m = tc.CrossVit(**_config(kw))
     with torch.no_grad():
         for mod in m.modules():
             if isinstance(mod, nn.LayerNorm):
@@ -69,7 +77,7 @@ def _pair(which, **kw):
     ref = _timm(**kw)
     if which == "patched":
         return ref, ck.patch_timm(copy.deepcopy(ref))
-    m = ck.CrossViT(**dict(_ARGS, **kw))
+    m = ck.CrossViT(**_config(kw))
     m.load_state_dict(ref.state_dict())
     return ref, m
 
