@@ -6,16 +6,30 @@ Every module here has the state_dict keys and defaults of its timm counterpart
 The fused forwards are written once, as functions of a module with timm's attribute names
 (:func:`fused_cross_attention_block`, :func:`fused_encoder_block`, :func:`embed_tokens`): these
 modules call them, and so do the timm modules that :func:`crossvit_kernels.patch_timm` converts.
+
+Tracing and scripting. The fused work enters through a few functions of tensors and Python
+constants (:func:`cross_attention_block_op`, :func:`patch_embed_op`, :func:`conv_tokens`, and the
+input checks :func:`check_images` / :func:`check_image_size`), registered as ``torch.fx`` leaves
+(``torch.fx.wrap``): symbolic tracing (``torch.fx.symbolic_trace``, timm's and torchvision's
+feature extractors) records one call per op and the graph runs the fused op, whatever the
+runtime backend, dtype or device. The same functions are TorchScript-compatible: under
+``torch.jit.script`` (deprecated in torch 2.14 but still tested by timm) they run the textbook
+form, op for op timm's, because the fused ops' Python dispatch (backend choice, validation,
+autograd.Function) cannot be scripted. The oneDNN encoder path is chosen per call from runtime
+facts (grad mode, dtype, device), which a traced graph cannot re-decide: traced and scripted
+encoder blocks are timm's graph of modules.
 """
-from __future__ import annotations
 
 from typing import Optional, Tuple, Type, Union
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.nn.modules import module as _nn_module
 
 from . import backends as _backends
+from .backends.reference import textbook_cross_attention, textbook_patch_embed
+from .ops._common import plain_eager
 from .ops.cross_attention import _cross_attention
 from .ops.patch_embed import patch_embed as _patch_embed_op
 
@@ -33,7 +47,7 @@ def drop_path(x: Tensor, p: float, training: bool) -> Tensor:
     if p == 0.0 or not training:
         return x
     keep = 1.0 - p
-    mask = x.new_empty((x.shape[0],) + (1,) * (x.dim() - 1)).bernoulli_(keep)
+    mask = x.new_empty([x.shape[0]] + [1] * (x.dim() - 1)).bernoulli_(keep)
     if keep > 0.0:
         mask.div_(keep)
     return x * mask
@@ -113,29 +127,70 @@ class CrossAttentionBlock(nn.Module):
         self.backend = backend
 
     def forward(self, x: Tensor, x_tokens: Optional[Tensor] = None) -> Tensor:
+        if torch.jit.is_scripting():
+            if x_tokens is not None:
+                x = torch.cat([x, x_tokens], dim=1)
+            return x[:, 0:1] + self.drop_path(self.attn(self.norm1(x)))
         if x_tokens is None:
-            if x.dim() != 3:
-                raise ValueError(f"expected x of shape (B, N, C), got {tuple(x.shape)}")
-            x_cls, x_tokens = x[:, 0], x[:, 1:]
-        else:
-            x_cls = x[:, 0] if x.dim() == 3 and x.shape[1] == 1 else x
-        return self.forward_cls(x_cls, x_tokens).unsqueeze(1)
+            return self.forward_cls(x[:, 0], x[:, 1:]).unsqueeze(1)
+        return self.forward_cls(x[:, 0], x_tokens).unsqueeze(1)
 
     def forward_cls(self, x_cls: Tensor, x_tokens: Tensor) -> Tensor:
         """(B, C) query, (B, M, C) tokens -> (B, C) new CLS."""
         return fused_cross_attention_block(self, x_cls, x_tokens, self.backend)
 
 
+def hooked(module: nn.Module, itself: bool = False, inside: bool = True) -> bool:
+    """Whether a module inside ``module`` (with ``inside``), ``module`` itself (with ``itself``) or
+    every module (global hooks) has a forward or forward-pre hook. A fused path skips the modules
+    it folds, so where they carry hooks the caller runs them instead: the hooks fire as in timm.
+    (Walks the ``_modules`` dicts: attribute access through nn.Module.__getattr__ would cost more
+    than the check.)"""
+    if _nn_module._global_forward_hooks or _nn_module._global_forward_pre_hooks:
+        return True
+    if itself and (module._forward_hooks or module._forward_pre_hooks):
+        return True
+    stack = list(module._modules.values()) if inside else []
+    while stack:
+        m = stack.pop()
+        if m is None:
+            continue
+        if m._forward_hooks or m._forward_pre_hooks:
+            return True
+        if m._modules:
+            stack.extend(m._modules.values())
+    return False
+
+
+def cross_attention_block_op(x_cls: Tensor, x_tokens: Tensor, norm_weight: Optional[Tensor],
+                             norm_bias: Optional[Tensor], wq: Tensor, bq: Optional[Tensor], wk: Tensor,
+                             bk: Optional[Tensor], wv: Tensor, bv: Optional[Tensor], wo: Tensor, bo: Optional[Tensor],
+                             num_heads: int, eps: float, backend: Optional[str], residual: bool, attn_drop: float,
+                             training: bool) -> Tensor:
+    """The cross-attention op as a module uses it (optionally without the residual, with attention
+    dropout in training): the fused op in eager mode and under torch.compile / export, one leaf
+    call under torch.fx, the textbook form under TorchScript."""
+    if torch.jit.is_scripting():
+        return textbook_cross_attention(x_cls, x_tokens, norm_weight, norm_bias, wq, bq, wk, bk, wv, bv, wo, bo,
+                                        num_heads, eps, residual, attn_drop if training else 0.0)
+    return _cross_attention(x_cls, x_tokens, norm_weight, norm_bias, wq, bq, wk, bk, wv, bv, wo, bo, num_heads, eps,
+                            backend, residual=residual, attn_drop=attn_drop, training=training)
+
+
 def fused_cross_attention_block(blk: nn.Module, x_cls: Tensor, x_tokens: Tensor, backend: Optional[str]) -> Tensor:
     """A cross-attention block with timm's names (``norm1``, ``attn.wq/wk/wv/proj``,
     ``attn.attn_drop``, ``attn.proj_drop``, ``drop_path``) on the fused op: (B, C) query and
-    (B, M, C) tokens -> (B, C) new CLS, timm's block on [x_cls; x_tokens]."""
+    (B, M, C) tokens -> (B, C) new CLS, timm's block on [x_cls; x_tokens]. Where the folded
+    modules carry hooks, they run (timm's math) so that the hooks fire."""
     a, n = blk.attn, blk.norm1
+    if hooked(blk):
+        x = torch.cat([x_cls.unsqueeze(1), x_tokens], dim=1)
+        return x_cls + blk.drop_path(a(n(x)))[:, 0]
     drop_active = blk.training and (a.proj_drop.p > 0 or not isinstance(blk.drop_path, nn.Identity))
-    delta = _cross_attention(
+    delta = cross_attention_block_op(
         x_cls, x_tokens, n.weight, n.bias, a.wq.weight, a.wq.bias, a.wk.weight, a.wk.bias,
         a.wv.weight, a.wv.bias, a.proj.weight, a.proj.bias, a.num_heads, n.eps, backend,
-        residual=not drop_active, attn_drop=a.attn_drop.p, training=blk.training)
+        not drop_active, a.attn_drop.p, blk.training)
     if not drop_active:
         return delta
     return x_cls + blk.drop_path(a.proj_drop(delta))
@@ -200,9 +255,11 @@ def _has_linear_pointwise() -> bool:
 
 def onednn_linear_usable(x: Tensor, weight: Tensor) -> bool:
     """Whether :func:`onednn_linear` may replace ``F.linear`` here: CPU float32/bfloat16 inference
-    (no gradient recorded), eager mode (the compiler fuses linears its own way), not under
-    ``use_backend("reference")`` and not under CPU autocast."""
-    if torch.compiler.is_compiling():   # first: the compiler cannot trace the mkldnn queries below
+    (no gradient recorded), plain eager mode (not under the compiler, which fuses linears its own
+    way, nor torch.fx / TorchScript tracing, torch.func transforms or dispatch modes: see
+    :func:`crossvit_kernels.ops._common.plain_eager`), not under ``use_backend("reference")`` and
+    not under CPU autocast."""
+    if not plain_eager((x, weight)):   # first: tracers cannot follow the mkldnn queries below
         return False
     if _backends.get_default_backend() == "reference":   # the oracle is timm's computation, op for op
         return False
@@ -224,13 +281,15 @@ def onednn_linear(x: Tensor, lin: nn.Linear, gelu: bool = False) -> Tensor:
 
 def conv_tokens(t: Tensor, cls_token: Tensor, pos_embed: Tensor) -> Tensor:
     """A convolutional patch embedding's output (B, C, gh, gw) as the branch's token buffer
-    (B, 1 + P, C) = [cls + pos[0]; t + pos[1:]] (the dagger models' epilogue). At inference one
-    pass writes the convolution's output plus the position embedding straight into the buffer (no
-    torch.cat copy, no separate add); with autograd, under the compiler (which fuses the plain form
-    itself) or with mixed dtypes, the plain cat + add."""
+    (B, 1 + P, C) = [cls + pos[0]; t + pos[1:]] (the dagger models' epilogue). At inference in plain
+    eager mode one pass writes the convolution's output plus the position embedding straight into
+    the buffer (no torch.cat copy, no separate add); with autograd, under a compiler or tracer
+    (which see the plain form), or with mixed dtypes, the plain cat + add."""
+    if torch.jit.is_scripting():
+        return torch.cat([cls_token.expand(t.shape[0], -1, -1), t.flatten(2).transpose(1, 2)], dim=1) + pos_embed
     B, C = t.shape[:2]
     t = t.flatten(2).transpose(1, 2)                                       # (B, P, C), a view
-    if (torch.compiler.is_compiling() or t.dtype != pos_embed.dtype or cls_token.dtype != pos_embed.dtype
+    if (not plain_eager((t, cls_token, pos_embed)) or t.dtype != pos_embed.dtype or cls_token.dtype != pos_embed.dtype
             or (torch.is_grad_enabled() and (t.requires_grad or cls_token.requires_grad or pos_embed.requires_grad))):
         return torch.cat([cls_token.expand(B, -1, -1), t], dim=1) + pos_embed
     out = t.new_empty((B, 1 + t.shape[1], C))
@@ -258,16 +317,28 @@ class Block(nn.Module):
         self.drop_path2 = DropPath(drop_path) if drop_path > 0.0 else nn.Identity()
 
     def forward(self, x: Tensor) -> Tensor:
-        if not self.training and onednn_linear_usable(x, self.attn.qkv.weight):
+        if torch.jit.is_scripting():
+            return self.forward_modules(x)
+        if not self.training and encoder_fast_path(self, x):
             return fused_encoder_block(self, x)
+        return self.forward_modules(x)
+
+    def forward_modules(self, x: Tensor) -> Tensor:
+        """timm's forward, module by module."""
         x = x + self.drop_path1(self.attn(self.norm1(x)))
         x = x + self.drop_path2(self.mlp(self.norm2(x)))
         return x
 
 
+def encoder_fast_path(blk: nn.Module, x: Tensor) -> bool:
+    """Whether an encoder block with timm's names takes :func:`fused_encoder_block` for ``x``:
+    :func:`onednn_linear_usable`, and no hooks on the modules it folds."""
+    return onednn_linear_usable(x, blk.attn.qkv.weight) and not hooked(blk)
+
+
 def fused_encoder_block(blk: nn.Module, x: Tensor) -> Tensor:
     """An encoder block with timm's names (``norm1``, ``attn.qkv``, ``attn.proj``, ``norm2``,
-    ``mlp.fc1``, ``mlp.act``, ``mlp.fc2``) at CPU inference, where :func:`onednn_linear_usable`:
+    ``mlp.fc1``, ``mlp.act``, ``mlp.fc2``) at CPU inference, where :func:`encoder_fast_path`:
     the same math with its four linears on oneDNN's fused linear + bias (+ exact GELU)."""
     a, m = blk.attn, blk.mlp
     B, N, _ = x.shape
@@ -320,18 +391,50 @@ class PatchEmbed(nn.Module):
             self.proj = nn.Conv2d(in_chans, embed_dim, kernel_size=patch_size, stride=patch_size, **dd)
 
     def forward(self, x: Tensor) -> Tensor:
-        _check_image_size(self, x)
+        x = check_image_size(x, self.img_size)
         return self.proj(x).flatten(2).transpose(1, 2)
 
     def forward_tokens(self, x: Tensor, cls_token: Tensor, pos_embed: Tensor) -> Tensor:
         """(B, Cin, H, W) -> (B, 1 + P, C): [cls + pos[0]; patches + pos[1:]]."""
+        if torch.jit.is_scripting():
+            return torch.cat([cls_token.expand(x.shape[0], -1, -1), self.forward(x)], dim=1) + pos_embed
         return embed_tokens(self, x, cls_token, pos_embed, self.backend, linear=not self.multi_conv)
 
 
-def _check_image_size(pe: nn.Module, x: Tensor) -> None:
-    H, W = x.shape[-2:]
-    if H != pe.img_size[0] or W != pe.img_size[1]:
-        raise ValueError(f"Input image size ({H}*{W}) doesn't match model ({pe.img_size[0]}*{pe.img_size[1]}).")
+def check_images(x: Tensor, in_chans: int) -> Tensor:
+    """``x`` itself, after checking it is a (B, in_chans, H, W) floating-point batch (a clear
+    ValueError / TypeError otherwise)."""
+    if torch.jit.is_scripting():
+        if x.dim() != 4 or x.shape[1] != in_chans:
+            raise ValueError(f"expected images of shape (B, {in_chans}, H, W), got {x.shape}")
+        if not x.is_floating_point():
+            raise TypeError("images must be a floating-point tensor")
+        return x
+    if not isinstance(x, torch.Tensor) or x.dim() != 4:
+        raise ValueError(f"expected images of shape (B, {in_chans}, H, W), got "
+                         f"{tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__}")
+    if x.shape[1] != in_chans:
+        raise ValueError(f"expected {in_chans} input channels, got {x.shape[1]}")
+    if not x.is_floating_point():
+        raise TypeError(f"images must be a floating-point tensor, got {x.dtype}")
+    return x
+
+
+def check_image_size(x: Tensor, img_size: Tuple[int, int]) -> Tensor:
+    """``x`` itself, after checking that its spatial size is ``img_size`` (timm's message)."""
+    H, W = x.shape[-2], x.shape[-1]
+    if H != img_size[0] or W != img_size[1]:
+        raise ValueError(f"Input image size ({H}*{W}) doesn't match model ({img_size[0]}*{img_size[1]}).")
+    return x
+
+
+def patch_embed_op(images: Tensor, weight: Tensor, bias: Optional[Tensor], pos_embed: Tensor, cls_token: Tensor,
+                   backend: Optional[str]) -> Tensor:
+    """:func:`crossvit_kernels.ops.patch_embed` as a module uses it: one leaf call under torch.fx,
+    the textbook form under TorchScript."""
+    if torch.jit.is_scripting():
+        return textbook_patch_embed(images, weight, bias, pos_embed, cls_token)
+    return _patch_embed_op(images, weight, bias, pos_embed, cls_token, backend=backend)
 
 
 def embed_tokens(pe: nn.Module, x: Tensor, cls_token: Tensor, pos_embed: Tensor, backend: Optional[str],
@@ -339,10 +442,22 @@ def embed_tokens(pe: nn.Module, x: Tensor, cls_token: Tensor, pos_embed: Tensor,
     """A branch's token buffer (B, 1 + P, C) = [cls + pos[0]; patches + pos[1:]] from a patch
     embedding with timm's names (``img_size``, ``patch_size``, ``proj``). ``linear``: ``proj`` is
     one stride-p convolution, which runs as the fused patch_embed op; else the convolutions run
-    and :func:`conv_tokens` writes the epilogue."""
-    _check_image_size(pe, x)
-    if linear and x.shape[-2] % pe.patch_size[0] == 0 and x.shape[-1] % pe.patch_size[1] == 0:
-        return _patch_embed_op(x, pe.proj.weight, pe.proj.bias, pos_embed, cls_token, backend=backend)
+    and :func:`conv_tokens` writes the epilogue. Where the patch embedding (or its linear ``proj``)
+    carries hooks, it is called as a module, as in timm."""
+    if hooked(pe, itself=True, inside=linear):   # the dagger convolutions run as modules anyway
+        t = pe(x)
+        return torch.cat([cls_token.expand(t.shape[0], -1, -1), t], dim=1) + pos_embed
+    x = check_image_size(x, pe.img_size)
+    # the checked image size is the configured one: decide on Python ints, so tracers go through
+    if linear and pe.img_size[0] % pe.patch_size[0] == 0 and pe.img_size[1] % pe.patch_size[1] == 0:
+        return patch_embed_op(x, pe.proj.weight, pe.proj.bias, pos_embed, cls_token, backend)
     # the dagger convolutions, or a linear embedding whose patches do not tile the image (the
     # convolution drops the remainder, as in timm)
     return conv_tokens(pe.proj(x), cls_token, pos_embed)
+
+
+# torch.fx leaves (see the module docstring); crossvit_kernels.models.crossvit and .timm_patch
+# register the names they import as well.
+for _name in ("check_images", "check_image_size", "cross_attention_block_op", "patch_embed_op", "conv_tokens"):
+    torch.fx.wrap(_name)
+del _name

@@ -84,8 +84,8 @@ def test_model_bad_input():
         ck.create_model("crossvit_19_240")
     with pytest.raises(ValueError, match="unknown fusion 'mean'"):
         ck.create_model("crossvit_tiny_240", fusion="mean")
-    with pytest.raises(ValueError, match="never does"):
-        ck.create_model("crossvit_tiny_240", pretrained=True)
+    with pytest.raises(TypeError, match="pretrained must be"):
+        ck.create_model("crossvit_tiny_240", pretrained=3)
     with pytest.raises(FileNotFoundError, match="checkpoint file not found"):
         ck.create_model("crossvit_tiny_240", pretrained="/nonexistent/weights.pth")
     m = ck.create_model("crossvit_tiny_240", num_classes=3)
@@ -99,6 +99,18 @@ def test_model_bad_input():
         CrossAttentionBlock(10, num_heads=3)
     with pytest.raises(ValueError, match="global_pool"):
         ck.create_model("crossvit_tiny_240", global_pool="max")
+
+
+def test_timm_only_arguments_without_timm_say_so(monkeypatch):
+    """pretrained=True (timm's published weights), features_only and timm's other builder arguments
+    go through timm: without timm they raise an ImportError that says so."""
+    import sys
+    monkeypatch.setitem(sys.modules, "timm", None)
+    monkeypatch.setitem(sys.modules, "timm.models", None)
+    monkeypatch.setitem(sys.modules, "timm.models._builder", None)
+    for kw in (dict(pretrained=True), dict(features_only=True), dict(name="crossvit_tiny_240.in1k")):
+        with pytest.raises(ImportError, match="pip install timm"):
+            ck.create_model(**{"name": "crossvit_tiny_240", **kw})
 
 
 def test_use_backend_rejects_unknown_name():

@@ -5,7 +5,6 @@ state_dict keys and shapes are exactly timm's, so ``load_state_dict(timm_model.s
 works with ``strict=True``. With the default ``fusion="cross_attention"`` the logits agree with
 timm's to float32 rounding (the fused cross-attention computes the same function in another order).
 """
-from __future__ import annotations
 
 from functools import partial
 from typing import List, Optional, Sequence, Tuple, Type, Union
@@ -13,9 +12,10 @@ from typing import List, Optional, Sequence, Tuple, Type, Union
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
 
-from ..modules import Block, PatchEmbed
-from .fusion import Fusion, check_fusion
+from ..modules import Block, PatchEmbed, check_images
+from .fusion import FUSIONS, Fusion, check_fusion
 
 Tensor = torch.Tensor
 
@@ -31,14 +31,20 @@ def _pair(x):
 
 def scale_image(x: Tensor, size: Tuple[int, int], crop_scale: bool = False) -> Tensor:
     """Bring the images to a branch's input size: centre crop when ``crop_scale`` and the image is
-    large enough, else bicubic resize (timm's ``scale_image``). No copy when the size matches."""
-    H, W = x.shape[-2:]
+    large enough, else bicubic resize (timm's ``scale_image``). No copy when the size matches.
+    A torch.fx leaf, as timm's (its branches depend on the input's size)."""
+    H, W = x.shape[-2], x.shape[-1]
     if H == size[0] and W == size[1]:
         return x
     if crop_scale and size[0] <= H and size[1] <= W:
         top, left = int(round((H - size[0]) / 2.0)), int(round((W - size[1]) / 2.0))
         return x[:, :, top:top + size[0], left:left + size[1]]
     return F.interpolate(x, size=size, mode="bicubic", align_corners=False)
+
+
+# torch.fx leaves (see crossvit_kernels.modules)
+torch.fx.wrap("scale_image")
+torch.fx.wrap("check_images")
 
 
 class MultiScaleBlock(Fusion):
@@ -71,9 +77,53 @@ class MultiScaleBlock(Fusion):
         self._build_fusion(fusion, dim, num_heads, grids, depth[-1], mlp_ratio, qkv_bias, proj_drop, attn_drop,
                            drop_path[-1], act_layer, norm_layer, dd)
 
+        self.grad_checkpointing = False
+
+    grad_checkpointing = False   # class default: models pickled before the attribute existed
+
     def forward(self, x: List[Tensor]) -> List[Tensor]:
-        outs = [blk(x[i]) for i, blk in enumerate(self.blocks)] if len(self.blocks) else list(x)
+        if torch.jit.is_scripting():
+            return self._forward_script(x)
+        if not len(self.blocks):
+            outs = list(x)
+        elif self.grad_checkpointing and torch.is_grad_enabled() and not isinstance(x[0], torch.fx.Proxy):
+            # each encoder block is one checkpoint: only its input is kept, its activations are
+            # recomputed in the backward (non-reentrant: works with the fused ops, hooks, DDP)
+            outs = []
+            for i, seq in enumerate(self.blocks):
+                y = x[i]
+                for blk in seq:
+                    y = checkpoint(blk, y, use_reentrant=False)
+                outs.append(y)
+        else:
+            outs = [blk(x[i]) for i, blk in enumerate(self.blocks)]
         return self.forward_fusion(outs)
+
+    def _forward_script(self, x: List[Tensor]) -> List[Tensor]:
+        """TorchScript's forward: timm's MultiScaleBlock.forward (cross-attention fusion) or the
+        branches alone (no fusion); see :meth:`__prepare_scriptable__`."""
+        outs_b: List[Tensor] = []
+        for i, block in enumerate(self.blocks):
+            outs_b.append(block(x[i]))
+        if len(outs_b) == 0:
+            outs_b = x
+        if not hasattr(self, "projs"):
+            return outs_b
+        proj_cls_token: List[Tensor] = []
+        for i, proj in enumerate(self.projs):
+            proj_cls_token.append(proj(outs_b[i][:, 0:1]))
+        outs: List[Tensor] = []
+        for i, (fusion, revert_proj) in enumerate(zip(self.fusion, self.revert_projs)):
+            tmp = torch.cat((proj_cls_token[i], outs_b[(i + 1) % self.num_branches][:, 1:]), dim=1)
+            tmp = fusion(tmp)
+            outs.append(torch.cat((revert_proj(tmp[:, 0:1]), outs_b[i][:, 1:]), dim=1))
+        return outs
+
+    def __prepare_scriptable__(self):
+        if self.kind not in ("cross_attention", "none"):
+            raise RuntimeError(f"torch.jit.script supports the fusions 'cross_attention' (timm's) and 'none', not "
+                               f"{self.kind!r}: use torch.compile or torch.export for this model")
+        return self
 
 
 class CrossViT(nn.Module):
@@ -203,8 +253,15 @@ class CrossViT(nn.Module):
 
     @torch.jit.ignore
     def set_grad_checkpointing(self, enable: bool = True):
-        if enable:
-            raise ValueError("gradient checkpointing is not supported by CrossViT (as in timm)")
+        """Activation checkpointing of every encoder block (``torch.utils.checkpoint``,
+        ``use_reentrant=False``): in training with autograd, each encoder block keeps only its input
+        and recomputes its activations in the backward; the gradients are the same. timm's CrossVit
+        does not support this (its ``set_grad_checkpointing(True)`` asserts); this model does,
+        including under ``forward_intermediates`` and torch.compile. Not applied under
+        torch.jit.script or torch.fx tracing (which see the plain forward)."""
+        self.grad_checkpointing = bool(enable)
+        for blk in self.blocks:
+            blk.grad_checkpointing = bool(enable)
 
     @torch.jit.ignore
     def get_classifier(self) -> nn.Module:
@@ -212,7 +269,14 @@ class CrossViT(nn.Module):
 
     @property
     def default_cfg(self) -> dict:
+        """timm's alias of ``pretrained_cfg``."""
         return self.pretrained_cfg
+
+    @default_cfg.setter
+    def default_cfg(self, cfg: dict) -> None:
+        self.pretrained_cfg = cfg
+
+    __jit_unused_properties__ = ["default_cfg"]
 
     def reset_classifier(self, num_classes: int, global_pool: Optional[str] = None) -> None:
         p = next(self.parameters())
@@ -226,17 +290,15 @@ class CrossViT(nn.Module):
             else nn.Identity() for i in range(self.num_branches)])
         self.head.train(self.training)
 
-    def _check_input(self, x: Tensor) -> None:
-        if not isinstance(x, torch.Tensor) or x.dim() != 4:
-            raise ValueError(f"expected images of shape (B, {self.in_chans}, H, W), got "
-                             f"{tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__}")
-        if x.shape[1] != self.in_chans:
-            raise ValueError(f"expected {self.in_chans} input channels, got {x.shape[1]}")
-        if not x.is_floating_point():
-            raise TypeError(f"images must be a floating-point tensor, got {x.dtype}")
-
     def _embed(self, x: Tensor) -> List[Tensor]:
-        xs = []
+        xs: List[Tensor] = []
+        if torch.jit.is_scripting():   # two branches, as timm's (TorchScript has no getattr by name)
+            for i, pe in enumerate(self.patch_embed):
+                x_ = scale_image(x, self.img_size_scaled[i], self.crop_scale)
+                cls_token = self.cls_token_0 if i == 0 else self.cls_token_1
+                pos_embed = self.pos_embed_0 if i == 0 else self.pos_embed_1
+                xs.append(self.pos_drop(pe.forward_tokens(x_, cls_token, pos_embed)))
+            return xs
         for i, pe in enumerate(self.patch_embed):
             x_ = scale_image(x, self.img_size_scaled[i], self.crop_scale)
             tokens = pe.forward_tokens(x_, getattr(self, f"cls_token_{i}"), getattr(self, f"pos_embed_{i}"))
@@ -244,7 +306,7 @@ class CrossViT(nn.Module):
         return xs
 
     def forward_features(self, x: Tensor) -> List[Tensor]:
-        self._check_input(x)
+        x = check_images(x, self.in_chans)
         xs = self._embed(x)
         for blk in self.blocks:
             xs = blk(xs)
@@ -279,7 +341,7 @@ class CrossViT(nn.Module):
         intermediates), or the intermediates alone."""
         if output_fmt not in ("NCHW", "NLC"):
             raise ValueError(f"output_fmt must be 'NCHW' or 'NLC', got {output_fmt!r}")
-        self._check_input(x)
+        x = check_images(x, self.in_chans)
         take = self._take_indices(indices)
         D = self.num_feature_blocks
         last_block = max(i % D for i in take)
@@ -317,7 +379,7 @@ class CrossViT(nn.Module):
         xs = [x[:, 1:].mean(dim=1) for x in xs] if self.global_pool == "avg" else [x[:, 0] for x in xs]
         xs = [self.head_drop(x) for x in xs]
         if pre_logits or isinstance(self.head[0], nn.Identity):
-            return torch.cat(xs, dim=1)
+            return torch.cat([x for x in xs], dim=1)
         return torch.mean(torch.stack([head(xs[i]) for i, head in enumerate(self.head)], dim=0), dim=0)
 
     def forward(self, x: Tensor) -> Tensor:

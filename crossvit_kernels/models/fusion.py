@@ -35,7 +35,6 @@ there), as in the paper's cross-attention formulation and timm's implementation.
 
 ``none``: no fusion; the branches only meet at the head (their logits are averaged).
 """
-from __future__ import annotations
 
 from typing import List, Sequence, Tuple
 
@@ -145,29 +144,30 @@ class Fusion(nn.Module):
 # ---------------------------------------------------------------------------------------------
 
 def cross_attend(blocks: nn.Module, q: Tensor, tokens: Tensor) -> Tensor:
-    """The fusion module of one branch on the projected CLS ``q`` (B, C) and the other branch's
-    patch tokens ``tokens`` (B, M, C, a strided view, never copied); returns the new (B, C) CLS.
+    """The fusion module of one branch on the projected CLS ``q`` (B, 1, C) and the other branch's
+    patch tokens ``tokens`` (B, M, C, a strided view, never copied); returns the new (B, 1, C) CLS.
 
-    ``blocks`` is one cross-attention block (anything with ``forward_cls(x_cls, x_tokens)``, such
-    as :class:`crossvit_kernels.modules.CrossAttentionBlock`) or timm's Sequential of them (fusion
-    depth > 0): the first block maps [q; tokens] to the new query alone, so each later block
-    attends only to the query itself (zero patch tokens).
+    ``blocks`` is one cross-attention block called as ``blocks(q, tokens)`` (such as
+    :class:`crossvit_kernels.modules.CrossAttentionBlock`, or a patched timm block: called as a
+    module, so its hooks fire, with the output timm's block gives) or timm's Sequential of them
+    (fusion depth > 0): the first block maps [q; tokens] to the new query alone, so each later
+    block attends only to the query itself (zero patch tokens).
     """
-    if hasattr(blocks, "forward_cls"):
-        return blocks.forward_cls(q, tokens)
+    if not isinstance(blocks, nn.Sequential):
+        return blocks(q, tokens)
     for k, blk in enumerate(blocks):
-        q = blk.forward_cls(q, tokens if k == 0 else tokens[:, :0])
+        q = blk(q, tokens if k == 0 else tokens[:, :0])
     return q
 
 
 def fuse_cross_attention(projs: Sequence[nn.Module], fusion: Sequence[nn.Module], revert_projs: Sequence[nn.Module],
                          xs: List[Tensor]) -> List[Tensor]:
     """The paper's cross-attention fusion of two or more branches (timm's ``MultiScaleBlock``
-    fusion, same parameters) on the fused single-query op:
+    fusion, same parameters, same module calls and shapes) on the fused single-query op:
 
-        cls_i  = xs[i][:, 0]                                  (B, C_i)   a view
-        q_i    = projs[i](cls_i)                              (B, C_j)   LN, GELU, Linear on B rows
-        c_i    = fusion[i](q_i ; xs[j][:, 1:])                (B, C_j)   tokens read in place
+        cls_i  = xs[i][:, 0:1]                                (B, 1, C_i)   a view
+        q_i    = projs[i](cls_i)                              (B, 1, C_j)   LN, GELU, Linear on B rows
+        c_i    = fusion[i](q_i, xs[j][:, 1:])                 (B, 1, C_j)   tokens read in place
         out_i  = [revert_projs[i](c_i) ; xs[i][:, 1:]]        (B, 1 + N_i, C_i)
 
     with j = (i + 1) mod (number of branches). The patch tokens of the output are those of the
@@ -175,9 +175,9 @@ def fuse_cross_attention(projs: Sequence[nn.Module], fusion: Sequence[nn.Module]
     extractors may hold) is never written to.
     """
     nb = len(xs)
-    new_cls = []
+    qs = [projs[i](xs[i][:, 0:1]) for i in range(nb)]    # timm's order of module calls (hooks see it)
+    outs = []
     for i in range(nb):
-        j = (i + 1) % nb
-        q = projs[i](xs[i][:, 0])
-        new_cls.append(revert_projs[i](cross_attend(fusion[i], q, xs[j][:, 1:])))
-    return [torch.cat([c.unsqueeze(1), x[:, 1:]], dim=1) for x, c in zip(xs, new_cls)]
+        c = revert_projs[i](cross_attend(fusion[i], qs[i], xs[(i + 1) % nb][:, 1:]))
+        outs.append(torch.cat([c, xs[i][:, 1:]], dim=1))
+    return outs

@@ -1,10 +1,12 @@
-"""The 11 published CrossViT variants (timm's names and configurations) and local checkpoint loading."""
+"""The 11 published CrossViT variants (timm's names and configurations), checkpoint loading, and
+``create_model`` (timm's published weights and feature extractors through timm's builder when timm is
+installed)."""
 from __future__ import annotations
 
 import fnmatch
 import os
 import warnings
-from typing import Dict, List, Optional, Union
+from typing import Dict, List, Union
 
 import torch
 
@@ -145,28 +147,13 @@ def _listing(items: List[str], most: int = 8) -> str:
     return ", ".join(items[:most]) + (f", ... ({len(items) - most} more)" if len(items) > most else "")
 
 
-def create_model(name: str, pretrained: Optional[Union[str, os.PathLike]] = None, fusion: str = "cross_attention",
-                 **kwargs) -> CrossViT:
-    """Build a published CrossViT variant by timm's name.
+#: create_model arguments that only timm's builder understands (timm.create_model's): with any of
+#: them, or pretrained=True, or a pretrained tag in the name, the model is built through timm.
+_TIMM_ARGS = ("features_only", "out_indices", "feature_cls", "feature_cfg", "pretrained_cfg", "pretrained_cfg_overlay",
+              "cache_dir")
 
-    Args:
-        name: one of :func:`list_models` (e.g. ``"crossvit_18_dagger_240"``).
-        pretrained: None, or the path of a local checkpoint in timm's or the original IBM format.
-            Nothing is downloaded. With a fusion other than ``"cross_attention"`` the checkpoint's
-            fusion weights do not apply: everything else loads and the mismatch is reported.
-        fusion: the fusion scheme of every multi-scale block (see ``crossvit_kernels.FUSIONS``).
-        **kwargs: any CrossViT constructor argument (num_classes, in_chans, drop_path_rate, ...),
-            overriding the variant's configuration as in timm.
-    """
-    if name not in MODEL_CONFIGS:
-        import difflib
-        close = difflib.get_close_matches(str(name), MODEL_CONFIGS, n=3)
-        hint = f"; did you mean {', '.join(close)}?" if close else ""
-        raise ValueError(f"unknown model {name!r}{hint} (list_models() gives the {len(MODEL_CONFIGS)} names)")
-    if pretrained is True:
-        raise ValueError("pretrained=True would need a download, which this package never does: pass the path of "
-                         "a local checkpoint file (timm's or the original IBM format)")
-    fusion = check_fusion(fusion)
+
+def _build(name: str, fusion: str, path, kwargs: dict) -> CrossViT:
     args = dict(MODEL_CONFIGS[name])
     args.update(kwargs)
     model = CrossViT(fusion=fusion, **args)
@@ -174,12 +161,83 @@ def create_model(name: str, pretrained: Optional[Union[str, os.PathLike]] = None
     if "num_classes" in kwargs:
         cfg["num_classes"] = kwargs["num_classes"]
     model.pretrained_cfg = cfg
-    if pretrained:
+    if path:
         if fusion == "cross_attention":
-            load_checkpoint(model, pretrained, strict=True)
+            load_checkpoint(model, path, strict=True)
         else:
-            result = load_checkpoint(model, pretrained, strict=False)
+            result = load_checkpoint(model, path, strict=False)
             warnings.warn(f"fusion={fusion!r}: {len(result.missing_keys)} parameters not in the checkpoint "
                           f"(freshly initialised) and {len(result.unexpected_keys)} checkpoint entries unused",
-                          UserWarning, stacklevel=2)
+                          UserWarning, stacklevel=3)
     return model
+
+
+def create_model(name: str, pretrained: Union[bool, str, os.PathLike, None] = None, fusion: str = "cross_attention",
+                 **kwargs):
+    """Build a published CrossViT variant by timm's name, as ``timm.create_model`` does.
+
+    Args:
+        name: one of :func:`list_models` (e.g. ``"crossvit_18_dagger_240"``), optionally with timm's
+            pretrained tag (``"crossvit_9_240.in1k"``).
+        pretrained: None / False: random initialisation (timm's). True: timm's published weights
+            for ``name``, found and loaded exactly as ``timm.create_model(name, pretrained=True)``
+            does (timm's pretrained_cfg, the Hugging Face hub and its cache, ``cache_dir=``,
+            ``HF_HUB_OFFLINE``); needs timm. A path: a local checkpoint file in timm's or the
+            original IBM format (nothing is downloaded). With a fusion other than
+            ``"cross_attention"`` the checkpoint's fusion weights do not apply: everything else
+            loads and the mismatch is reported.
+        fusion: the fusion scheme of every multi-scale block (see ``crossvit_kernels.FUSIONS``).
+        **kwargs: any CrossViT constructor argument (num_classes, in_chans, drop_path_rate, ...),
+            overriding the variant's configuration as in timm; and timm's builder arguments
+            ``features_only``, ``out_indices``, ``feature_cls`` (a feature extractor wrapping this
+            model, as timm builds one for CrossVit: ``FeatureGetterNet`` by default, the last block
+            of each branch by default), ``pretrained_cfg``, ``pretrained_cfg_overlay``,
+            ``cache_dir``, which need timm. Arguments set to None are dropped, as timm does.
+
+    Returns:
+        a :class:`CrossViT`, or timm's feature wrapper around one with ``features_only=True``.
+    """
+    kwargs = {k: v for k, v in kwargs.items() if v is not None}
+    arch, _, tag = str(name).partition(".")
+    if arch not in MODEL_CONFIGS:
+        import difflib
+        close = difflib.get_close_matches(str(arch), MODEL_CONFIGS, n=3)
+        hint = f"; did you mean {', '.join(close)}?" if close else ""
+        raise ValueError(f"unknown model {name!r}{hint} (list_models() gives the {len(MODEL_CONFIGS)} names)")
+    if pretrained is False:
+        pretrained = None
+    if not (pretrained is None or pretrained is True or isinstance(pretrained, (str, os.PathLike))):
+        raise TypeError(f"pretrained must be None, a bool or the path of a local checkpoint, got "
+                        f"{type(pretrained).__name__}")
+    fusion = check_fusion(fusion)
+    timm_args = [k for k in _TIMM_ARGS if k in kwargs]
+    if pretrained is not True and not tag and not timm_args:
+        return _build(arch, fusion, pretrained, kwargs)
+
+    what = ("pretrained=True" if pretrained is True else f"the pretrained tag {tag!r}" if tag
+            else f"{timm_args[0]}=")
+    try:
+        from timm.models._builder import build_model_with_cfg
+    except ImportError as exc:
+        raise ImportError(f"create_model({name!r}, {what}...) goes through timm's model builder (timm's published "
+                          f"weights, pretrained configs and feature extractors): pip install timm. Without timm, "
+                          f"pass pretrained= the path of a local checkpoint file") from exc
+    path = None if pretrained is True else pretrained
+    # timm's _create_crossvit: by default the features are the last block's output of each branch
+    depth = kwargs.get("depth", MODEL_CONFIGS[arch]["depth"])
+    out_indices = kwargs.pop("out_indices", (len(depth) - 1, 2 * len(depth) - 1))
+    pretrained_cfg = kwargs.pop("pretrained_cfg", None) or (tag or None)
+    feature_cfg = dict(out_indices=out_indices, feature_cls="getter")
+    feature_cfg.update(kwargs.pop("feature_cfg", {}))
+    if pretrained is True and fusion != "cross_attention":
+        warnings.warn(f"fusion={fusion!r}: the published fusion weights do not apply; the other weights load and the "
+                      f"fusion stage is freshly initialised", UserWarning, stacklevel=2)
+
+    def build(**model_kwargs) -> CrossViT:
+        return _build(arch, fusion, path, model_kwargs)
+
+    return build_model_with_cfg(
+        build, arch, pretrained is True, pretrained_cfg=pretrained_cfg,
+        pretrained_filter_fn=lambda state_dict, model=None: convert_checkpoint(state_dict),
+        pretrained_strict=fusion == "cross_attention",
+        feature_cfg=feature_cfg, **kwargs)

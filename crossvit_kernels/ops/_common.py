@@ -99,5 +99,9 @@ def plain_eager(tensors: Sequence[Optional[Tensor]]) -> bool:
 def traced_as_aten() -> bool:
     """Whether the ops must run as standard PyTorch operators, not as custom ops: under ONNX export
     (the exported graph must hold only standard ONNX operators) and under torch.func transforms
-    (grad, vmap, jacrev: they differentiate and batch standard operators themselves)."""
-    return torch.onnx.is_in_onnx_export() or torch._C._functorch.peek_interpreter_stack() is not None
+    (grad, vmap, jacrev: they differentiate and batch standard operators themselves). Not while
+    torch.compile traces: Dynamo keeps a functorch interpreter on the stack of its own, and the
+    compiled graph takes the registered op."""
+    if torch.onnx.is_in_onnx_export():
+        return True
+    return not torch.compiler.is_compiling() and torch._C._functorch.peek_interpreter_stack() is not None
