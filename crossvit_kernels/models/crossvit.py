@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
 from ..modules import Block, PatchEmbed, check_images
-from .fusion import FUSIONS, Fusion, check_fusion
+from .fusion import Fusion, check_fusion
 
 Tensor = torch.Tensor
 

@@ -154,7 +154,8 @@ def _crossvit_impl(request, monkeypatch):
 
 def pytest_terminal_summary(terminalreporter, config):
     stats = terminalreporter.stats
-    counts = ", ".join(f"{len(stats.get(key, []))} {key}" for key in ("passed", "failed", "xfailed", "skipped", "error"))
+    keys = ("passed", "failed", "xfailed", "skipped", "error")
+    counts = ", ".join(f"{len(stats.get(key, []))} {key}" for key in keys)
     line = (f"timm tests, crossvit-impl={config.stash[_impl_key]}: {counts} "
             f"in {time.monotonic() - config.stash[_start_key]:.0f}s")
     terminalreporter.write_line(line, bold=True)
