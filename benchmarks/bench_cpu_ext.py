@@ -181,7 +181,8 @@ def main(argv=None):
     import timm.models.crossvit as timm_crossvit
 
     import crossvit_kernels
-    from crossvit_kernels import _ext, ops
+    from crossvit_kernels import ops
+    from crossvit_kernels.backends import extension
 
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -196,7 +197,7 @@ def main(argv=None):
         "timm": timm.__version__,
         "crossvit_kernels": crossvit_kernels.__version__,
         "python": platform.python_version(),
-        "cpp_vector_clone": _ext.get("cpu").cpu_capability(),
+        "cpp_vector_clone": extension.status("cpu").ops.cpu_capability(),
         "dtype": "float32",
         "batch": args.batch,
     }
