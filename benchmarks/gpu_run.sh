@@ -11,13 +11,13 @@
 # seconds (default 1500, i.e. 25 minutes).
 #
 # Environment: PYTHON (default python3), GPU_RUN_BUDGET_S, GPU_RUN_STEPS (comma list of install,
-# machine, tests, kernels, suite, e2e, diag; default all but diag), BENCH_ARGS (extra arguments of run.py),
+# machine, tests, kernels, suite, e2e; default all), BENCH_ARGS (extra arguments of run.py),
 # PYTEST_ARGS, CA_ARGS / PE_ARGS (extra arguments of bench_triton_cross_attention.py /
 # bench_triton_patch_embed.py), E2E_ARGS (replaces the end-to-end CLI's model/bench arguments),
-# TESTS_LIMIT_S, SUITE_LIMIT_S, E2E_LIMIT_S, CA_LIMIT_S, PE_LIMIT_S, DIAG_LIMIT_S (default 300),
+# TESTS_LIMIT_S, SUITE_LIMIT_S, E2E_LIMIT_S, CA_LIMIT_S, PE_LIMIT_S,
 # CROSSVIT_KERNELS_NO_EXT=1 (skip the extension build),
 # GPU_RUN_SKIP_INSTALL=1 (use the package as already installed; install is also skipped when the
-# package and its CUDA extension already import, e.g. on a machine kept warm between runs).
+# package and its extension's operators already load, e.g. on a machine kept warm between runs).
 #
 # Steps (GPU_RUN_STEPS):
 #   install   pip install -e . (builds the extension)
@@ -26,11 +26,6 @@
 #   kernels   the kernel-specific benchmark scripts and profile_op.py
 #   suite     benchmarks/run.py in bf16 and fp32
 #   e2e       the end-to-end CLI
-#   diag      only when named: why a C++ exception (TORCH_CHECK) raised in the CPU extension kills
-#             the process instead of raising RuntimeError; benchmarks/diag_ext_exceptions.py
-#             builds extension variants in temporary directories and writes
-#             OUT/ext_exception_diag.txt (GPU_RUN_STEPS=diag, about 2-4 minutes; add install
-#             first to also test the installed extension)
 set -u
 
 if [ $# -lt 1 ]; then
@@ -103,7 +98,8 @@ if ! want install; then
     log "install not in GPU_RUN_STEPS: using the package as installed"
 elif [ "${GPU_RUN_SKIP_INSTALL:-0}" = 1 ]; then
     log "GPU_RUN_SKIP_INSTALL=1: using the package as installed"
-elif "$PY" -c "import crossvit_kernels._C_cuda, crossvit_kernels._C_cpu" 2>/dev/null \
+elif "$PY" -c "from crossvit_kernels.backends import extension as e; assert all(e.status(k).ops for k in e.MODULES)" \
+        2>/dev/null \
         && [ "$("$PY" -c 'import os, crossvit_kernels as c; print(os.path.dirname(os.path.dirname(c.__file__)))')" = "$REPO" ]; then
     log "the package and its extension already import from $REPO: install skipped"
 elif install_pkg > "$OUT/install.log" 2>&1; then
@@ -143,13 +139,6 @@ want machine && cat "$OUT/machine.txt"
 if ! "$PY" -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)"; then
     log "WARNING: no CUDA device visible; the GPU benchmarks will fail"
 fi
-
-# -- 2b. diagnosis of C++ exceptions in the extension (only when GPU_RUN_STEPS names diag) ------
-# the script stops starting work 45 s before the step's limit so that its report always ends with
-# the summary; it never touches build/ or the installed extension
-DIAG_LIMIT=${DIAG_LIMIT_S:-300}
-want diag && step "diag_ext_exceptions" "$DIAG_LIMIT" diag_ext_exceptions.log "$PY" benchmarks/diag_ext_exceptions.py \
-    --out "$OUT/ext_exception_diag.txt" --budget-s $(( DIAG_LIMIT > 90 ? DIAG_LIMIT - 45 : DIAG_LIMIT / 2 ))
 
 # -- 3. tests (GPU-only tests run here) --------------------------------------------------------
 # several workers when pytest-xdist is there (the GPU is shared; this is a correctness run), two
