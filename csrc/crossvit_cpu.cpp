@@ -633,7 +633,9 @@ std::tuple<Tensor, Tensor, Tensor> cross_attention_core_backward(const Tensor& x
   Tensor lse_c = lse.contiguous();
   const float e = static_cast<float>(eps);
   switch (x_cls.scalar_type()) {
-    case at::kFloat: xattn_backward_impl<float>(x_cls, x_tokens, wp, zp, lse_c, dzp, e, s, dx_cls, dx_tokens, dw); break;
+    case at::kFloat:
+      xattn_backward_impl<float>(x_cls, x_tokens, wp, zp, lse_c, dzp, e, s, dx_cls, dx_tokens, dw);
+      break;
     case at::kBFloat16:
       xattn_backward_impl<c10::BFloat16>(x_cls, x_tokens, wp, zp, lse_c, dzp, e, s, dx_cls, dx_tokens, dw);
       break;
@@ -809,7 +811,9 @@ std::tuple<std::optional<Tensor>, Tensor, std::optional<Tensor>, Tensor, Tensor>
     case at::kBFloat16:
       patch_embed_backward_impl<c10::BFloat16, float>(g, images, wmat, p, needs_images_grad, dW, di);
       break;
-    default: patch_embed_backward_impl<c10::Half, float>(g, images, wmat, p, needs_images_grad, dW, di); break;  // kHalf
+    default:  // kHalf
+      patch_embed_backward_impl<c10::Half, float>(g, images, wmat, p, needs_images_grad, dW, di);
+      break;
   }
   if (needs_images_grad) d_images = di;
   const auto wt = weight.scalar_type();

@@ -85,9 +85,10 @@ __device__ __forceinline__ float ln_row(const T* src, int64_t sc, int64_t C, flo
 // w (B, H, C) f32 contiguous; partial m/l (B, S, H), partial z (B, S, H, C).
 template <typename T>
 __global__ void xattn_fwd_kernel(const T* __restrict__ x_cls, const T* __restrict__ x_tokens,
-                                 const float* __restrict__ w, float* __restrict__ part_m, float* __restrict__ part_l, float* __restrict__ part_z, int64_t N, int64_t C,
-                                 int64_t H, int64_t chunk, int64_t tile, int64_t cls_sb, int64_t cls_sc,
-                                 int64_t tok_sb, int64_t tok_sm, int64_t tok_sc, float eps) {
+                                 const float* __restrict__ w, float* __restrict__ part_m, float* __restrict__ part_l,
+                                 float* __restrict__ part_z, int64_t N, int64_t C, int64_t H, int64_t chunk,
+                                 int64_t tile, int64_t cls_sb, int64_t cls_sc, int64_t tok_sb, int64_t tok_sm,
+                                 int64_t tok_sc, float eps) {
   extern __shared__ float smem[];
   const int64_t S = gridDim.x;
   const int64_t split = blockIdx.x;
@@ -368,8 +369,8 @@ void launch_xattn_forward(const Tensor& x_cls, const Tensor& x_tokens, const Ten
   dim3 grid(static_cast<unsigned>(S), static_cast<unsigned>(s.B));
   kernel<<<grid, kThreads, smem, stream>>>(
       x_cls.data_ptr<T>(), x_tokens.data_ptr<T>(), w.data_ptr<float>(), part_m.data_ptr<float>(),
-      part_l.data_ptr<float>(), part_z.data_ptr<float>(), s.N, s.C, s.H, chunk, tile, x_cls.stride(0), x_cls.stride(1), x_tokens.stride(0), x_tokens.stride(1),
-      x_tokens.stride(2), eps);
+      part_l.data_ptr<float>(), part_z.data_ptr<float>(), s.N, s.C, s.H, chunk, tile, x_cls.stride(0),
+      x_cls.stride(1), x_tokens.stride(0), x_tokens.stride(1), x_tokens.stride(2), eps);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   xattn_fwd_combine_kernel<<<static_cast<unsigned>(s.B), kThreads, 0, stream>>>(
       part_m.data_ptr<float>(), part_l.data_ptr<float>(), part_z.data_ptr<float>(), z.data_ptr<float>(),
@@ -584,7 +585,9 @@ std::tuple<std::optional<Tensor>, Tensor, std::optional<Tensor>, Tensor, Tensor>
     case at::kBFloat16:
       patch_backward_typed<c10::BFloat16, float>(g_tok, images, wmat, p, needs_images_grad, dW, di);
       break;
-    default: patch_backward_typed<c10::Half, float>(g_tok, images, wmat, p, needs_images_grad, dW, di); break;  // kHalf
+    default:  // kHalf
+      patch_backward_typed<c10::Half, float>(g_tok, images, wmat, p, needs_images_grad, dW, di);
+      break;
   }
   std::optional<Tensor> d_images;
   if (needs_images_grad) d_images = di;

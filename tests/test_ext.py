@@ -347,7 +347,8 @@ def test_a_bad_direct_call_raises_and_never_kills_the_process(kind, dev, op):
     call, needle = BAD_CALLS[op]
     code = _CHILD.format(kind=kind, dev=dev, call="\n".join("    " + line for line in call.split("\n")))
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
-    assert proc.returncode >= 0, f"{kind}::{op} killed the process with signal {-proc.returncode}: {proc.stderr[-2000:]}"
+    assert proc.returncode >= 0, \
+        f"{kind}::{op} killed the process with signal {-proc.returncode}: {proc.stderr[-2000:]}"
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert proc.stdout.startswith("RAISED"), f"{kind}::{op} accepted bad input: {proc.stdout}"
     if needle is not None and dev == kind:
