@@ -4,6 +4,9 @@ The package is pure Python; the optional compiled extension (csrc/) adds the bac
 (``crossvit_kernels._C_cpu``, C++ with OpenMP) and "cuda" (``crossvit_kernels._C_cuda``). They are
 built with torch.utils.cpp_extension when a compiler (and, for "cuda", nvcc and a CUDA build of
 torch) is present; a failed build prints a warning and the pure-Python package is installed.
+Each module registers torch operators and holds no Python bindings: it is built against Python's
+limited API (``py_limited_api``: one ``.abi3.so``; torch's build sets Py_LIMITED_API) and does not
+link libtorch_python.
 
     pip install --no-build-isolation -e .       # in place, against the installed torch
 
@@ -13,6 +16,7 @@ Environment switches:
     MAX_JOBS=N                    parallel compile jobs (default 2)
     TORCH_CUDA_ARCH_LIST="9.0"    CUDA architectures (default 9.0 when unset, to keep builds short)
 """
+import glob
 import os
 import shutil
 import sys
@@ -81,12 +85,13 @@ def _extensions_and_cmdclass():
     os.environ.setdefault("MAX_JOBS", "2")
     cxx_flags = ["-O3", "-g0", "-fopenmp", "-ffp-contract=fast", "-fvisibility=hidden", "-Wno-psabi"]
     if sys.platform == "darwin":  # Apple clang has no -fopenmp; the kernels then run on one thread
-        cxx_flags = ["-O3", "-g0", "-ffp-contract=fast", "-fvisibility=hidden", "-Wno-psabi"]
+        cxx_flags.remove("-fopenmp")
     exts = [
         tce.CppExtension(
             "crossvit_kernels._C_cpu",
             ["csrc/crossvit_cpu.cpp"],
             extra_compile_args={"cxx": cxx_flags},
+            py_limited_api=True,
         )
     ]
 
@@ -108,6 +113,7 @@ def _extensions_and_cmdclass():
                 include_dirs=_pip_cuda_include_dirs(torch),
                 extra_compile_args={"cxx": ["-O3", "-g0", "-fvisibility=hidden"],
                                     "nvcc": ["-O3", "-std=c++20", "--expt-relaxed-constexpr"]},
+                py_limited_api=True,
             )
         )
     else:
@@ -134,6 +140,14 @@ def _extensions_and_cmdclass():
                       "See the compiler output above; CROSSVIT_KERNELS_NO_CUDA=1 skips the CUDA part and "
                       "CROSSVIT_KERNELS_NO_EXT=1 the whole extension")
                 self._failed.append(ext)
+                return
+            # Python imports a module's interpreter-specific build before its .abi3.so: remove one
+            # left in the source tree by an older build, or it would shadow the module just built.
+            package, name = ext.name.rsplit(".", 1)
+            for stale in glob.glob(os.path.join(here, *package.split("."), f"{name}.cpython-*")):
+                print(f"crossvit-kernels: removing {stale}, an older build that would shadow {ext.name}",
+                      file=sys.stderr)
+                os.remove(stale)
 
     return exts, {"build_ext": BuildExtension.with_options(use_ninja=True)}
 

@@ -1,13 +1,15 @@
 // CPU kernels of crossvit-kernels (backend "cpp"): the one-pass single-query cross-attention core
-// (DESIGN.md section 2) and the linear patch embedding (section 3). The math of every function is
-// specified by crossvit_kernels/impl/torch_impl.py; the Python side reaches it only through
-// crossvit_kernels/_ext.py.
+// (docs/design.md, section 2) and the linear patch embedding (section 3), registered as the torch
+// operators crossvit_kernels_cpu::*. The math of every function is specified by
+// crossvit_kernels/backends/pytorch.py; Python reaches them only through
+// crossvit_kernels/backends/extension.py.
 //
 // Cross-attention core, per batch row b and token i = 0..N-1 (token 0 is x_cls[b], token i >= 1
 // is x_tokens[b, i-1], any strides, never copied as a whole):
 //   forward : each token is read once; its LayerNorm statistics, its H scores, an online softmax
 //             per head and the weighted sums z_h are updated from a tile of tokens held in L1.
-//   backward: each token is read once and its gradient written once.
+//   backward: each token is read once, its statistics recomputed by the forward's code, and its
+//             gradient written once. Nothing of size B * N is kept between the two.
 // Parallel over work items (batch row, token split). The number of splits depends on the shapes
 // only, never on the thread count, and partial results are combined in split order, so the
 // results are bitwise identical for any number of threads.
@@ -16,15 +18,15 @@
 // with GCC they are compiled three times (x86-64-v4, x86-64-v3 = AVX2+FMA, baseline) and the
 // best clone for the running CPU is picked at load time, so the extension needs no -march flag.
 
+#include "common.h"
+
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <c10/core/GradMode.h>
 #include <c10/core/InferenceMode.h>
 #include <c10/util/BFloat16.h>
 #include <c10/util/Half.h>
-#include <torch/csrc/utils/pybind.h>
-
-#include "common.h"
+#include <torch/library.h>
 
 #include <algorithm>
 #include <atomic>
@@ -85,11 +87,11 @@ inline int64_t round_up(int64_t x, int64_t m) { return (x + m - 1) / m * m; }
 // hot loops; rows are padded to Cp (a multiple of 8) with zeros
 // ------------------------------------------------------------------------------------------------
 
-// d = row - mean (the centred token, not yet scaled by rstd); writes mean and rstd.
+// d = row - mean (the centred token, not yet scaled by rstd); returns rstd. The one home of a
+// token's LayerNorm statistics: the backward recomputes them with it, bit for bit as the forward.
 // row[C..Cp) must be 0; d[C..Cp) = 0. Two-pass statistics (mean, then the mean of squared
 // deviations) as torch's var_mean; four accumulators per pass to hide the add latency.
-CVK_HOT void ln_center_row(const float* row, int64_t C, int64_t Cp, float eps, float* d,
-                           float* mean_out, float* rstd_out) {
+CVK_HOT float ln_center_row(const float* row, int64_t C, int64_t Cp, float eps, float* d) {
   vf a0 = vset(0.f), a1 = a0, a2 = a0, a3 = a0;
   int64_t c = 0;
   for (; c + 4 * V <= Cp; c += 4 * V) {
@@ -127,15 +129,7 @@ CVK_HOT void ln_center_row(const float* row, int64_t C, int64_t Cp, float eps, f
     q1 += d0 * d0;
   }
   const float var = hsum((q0 + q1) + (q2 + q3)) / static_cast<float>(C);
-  *mean_out = mean;
-  *rstd_out = 1.f / std::sqrt(var + eps);
-}
-
-// xh = (row - mean) * rstd with saved statistics; xh[C..Cp) = 0.
-CVK_HOT void ln_apply_row(const float* row, int64_t C, int64_t Cp, float mean, float rstd, float* xh) {
-  const vf vm = vset(mean), vr = vset(rstd);
-  for (int64_t c = 0; c < Cp; c += V) vstore(xh + c, (vload(row + c) - vm) * vr);
-  for (int64_t c = C; c < Cp; ++c) xh[c] = 0.f;
+  return 1.f / std::sqrt(var + eps);
 }
 
 // Scores of two tokens (x0, x1) against NH heads: 2 * NH independent accumulation chains.
@@ -371,34 +365,20 @@ inline void store_row(const float* src, int64_t C, T* dst) {
 }
 
 // ------------------------------------------------------------------------------------------------
-// input checks
+// preconditions (crossvit_kernels.ops has validated the inputs; see common.h)
 // ------------------------------------------------------------------------------------------------
 using crossvit_common::acc_type;
-using crossvit_common::check_shape;
-using crossvit_common::dtype_name;
 using crossvit_common::PShape;
 
-void check_cpu(const Tensor& t, const char* name) {
-  TORCH_CHECK(t.defined(), name, " is undefined; pass a tensor");
-  TORCH_CHECK(t.device().is_cpu(), name, " must be a CPU tensor for the cpp backend, got a tensor on ",
-              t.device(), "; move it with .cpu() or use backend='cuda'/'triton' for CUDA tensors");
-}
-
-void check_f32(const Tensor& t, const char* name) {
-  check_cpu(t, name);
-  crossvit_common::check_is_f32(t, name);
-}
-
-struct XShape {
-  int64_t B, M, N, C, Cp, H;
+// The core's shapes and Cp, the width C padded to whole vectors.
+struct XShape : crossvit_common::XDims {
+  int64_t Cp;
 };
 
-XShape check_xattn_inputs(const Tensor& x_cls, const Tensor& x_tokens, const Tensor& w) {
-  check_cpu(x_cls, "x_cls");
-  check_cpu(x_tokens, "x_tokens");
-  check_cpu(w, "w");
-  const crossvit_common::XDims d = crossvit_common::check_xattn_dims(x_cls, x_tokens, w, "cpp");
-  return XShape{d.B, d.M, d.N, d.C, round_up(std::max<int64_t>(d.C, 1), V), d.H};
+XShape expect_core_inputs(const Tensor& x_cls, const Tensor& x_tokens, const Tensor& w) {
+  crossvit_common::expect_device(at::kCPU, x_cls, {&x_tokens, &w});
+  const crossvit_common::XDims d = crossvit_common::expect_core_inputs(x_cls, x_tokens, w);
+  return XShape{d, round_up(d.C, V)};
 }
 
 // Runs fn once on each thread of ATen's pool. The work items are handed out dynamically (an atomic
@@ -430,7 +410,7 @@ Tensor padded_f32(const Tensor& t, int64_t C, int64_t Cp) {
 // ------------------------------------------------------------------------------------------------
 template <typename T>
 void xattn_forward_impl(const Tensor& x_cls, const Tensor& x_tokens, const Tensor& wp, float eps, const XShape& s,
-                        Tensor& z, Tensor& lse, Tensor& mean, Tensor& rstd) {
+                        Tensor& z, Tensor& lse) {
   const int64_t B = s.B, N = s.N, C = s.C, Cp = s.Cp, H = s.H;
   const int64_t S = num_splits(B, N);
   const int64_t chunk = (N + S - 1) / S;
@@ -441,8 +421,6 @@ void xattn_forward_impl(const Tensor& x_cls, const Tensor& x_tokens, const Tenso
   const float* w = wp.data_ptr<float>();
   float* z_out = z.data_ptr<float>();
   float* lse_out = lse.data_ptr<float>();
-  float* mean_out = mean.data_ptr<float>();
-  float* rstd_out = rstd.data_ptr<float>();
   // partial results of the splits (only when a row is split)
   std::vector<float> part_m, part_l, part_z;
   if (S > 1) {
@@ -470,8 +448,7 @@ void xattn_forward_impl(const Tensor& x_cls, const Tensor& x_tokens, const Tenso
           if (i + kPrefetch < i1) prefetch_rows(tok + b * tok_sb + (i + kPrefetch - 1) * tok_sm, tok_sm, 1, C, tok_sc);
           const float* r = (i == 0) ? token_row(cls + b * cls_sb, cls_sc, C, Cp, row.data())
                                     : token_row(tok + b * tok_sb + (i - 1) * tok_sm, tok_sc, C, Cp, row.data());
-          ln_center_row(r, C, Cp, eps, xh.data() + j * Cp, mean_out + b * N + i, rs + j);
-          rstd_out[b * N + i] = rs[j];
+          rs[j] = ln_center_row(r, C, Cp, eps, xh.data() + j * Cp);
         }
         // scores of the centred rows, scaled by rstd: w_h . xh = rstd * (w_h . (x - mean))
         tile_scores(xh.data(), nt, Cp, wb, H, sc.data());
@@ -538,24 +515,20 @@ void xattn_forward_impl(const Tensor& x_cls, const Tensor& x_tokens, const Tenso
   });
 }
 
-std::tuple<Tensor, Tensor, Tensor, Tensor> cross_attention_core_forward(const Tensor& x_cls, const Tensor& x_tokens,
-                                                                        const Tensor& w, double eps) {
-  const XShape s = check_xattn_inputs(x_cls, x_tokens, w);
-  TORCH_CHECK(std::isfinite(eps) && eps >= 0, "eps must be a finite non-negative number, got ", eps);
+std::tuple<Tensor, Tensor> cross_attention_core_forward(const Tensor& x_cls, const Tensor& x_tokens, const Tensor& w,
+                                                        double eps) {
+  const XShape s = expect_core_inputs(x_cls, x_tokens, w);
   auto f32 = x_cls.options().dtype(at::kFloat);
   Tensor z = at::empty({s.B, s.H, s.C}, f32);
   Tensor lse = at::empty({s.B, s.H}, f32);
-  Tensor mean = at::empty({s.B, s.N}, f32);
-  Tensor rstd = at::empty({s.B, s.N}, f32);
   Tensor wp = padded_f32(w, s.C, s.Cp);
   const float e = static_cast<float>(eps);
   switch (x_cls.scalar_type()) {
-    case at::kFloat: xattn_forward_impl<float>(x_cls, x_tokens, wp, e, s, z, lse, mean, rstd); break;
-    case at::kBFloat16: xattn_forward_impl<c10::BFloat16>(x_cls, x_tokens, wp, e, s, z, lse, mean, rstd); break;
-    case at::kHalf: xattn_forward_impl<c10::Half>(x_cls, x_tokens, wp, e, s, z, lse, mean, rstd); break;
-    default: TORCH_CHECK(false, "unsupported dtype ", dtype_name(x_cls.scalar_type()));
+    case at::kFloat: xattn_forward_impl<float>(x_cls, x_tokens, wp, e, s, z, lse); break;
+    case at::kBFloat16: xattn_forward_impl<c10::BFloat16>(x_cls, x_tokens, wp, e, s, z, lse); break;
+    default: xattn_forward_impl<c10::Half>(x_cls, x_tokens, wp, e, s, z, lse); break;  // kHalf
   }
-  return {z, lse, mean, rstd};
+  return {z, lse};
 }
 
 // ------------------------------------------------------------------------------------------------
@@ -563,8 +536,8 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> cross_attention_core_forward(const Te
 // ------------------------------------------------------------------------------------------------
 template <typename T>
 void xattn_backward_impl(const Tensor& x_cls, const Tensor& x_tokens, const Tensor& wp, const Tensor& zp,
-                         const Tensor& lse, const Tensor& mean, const Tensor& rstd, const Tensor& dzp, const XShape& s,
-                         Tensor& dx_cls, Tensor& dx_tokens, Tensor& dw) {
+                         const Tensor& lse, const Tensor& dzp, float eps, const XShape& s, Tensor& dx_cls,
+                         Tensor& dx_tokens, Tensor& dw) {
   const int64_t B = s.B, N = s.N, C = s.C, Cp = s.Cp, H = s.H, M = s.M;
   const int64_t S = num_splits(B, N);
   const int64_t chunk = (N + S - 1) / S;
@@ -576,8 +549,6 @@ void xattn_backward_impl(const Tensor& x_cls, const Tensor& x_tokens, const Tens
   const float* zz = zp.data_ptr<float>();
   const float* dz = dzp.data_ptr<float>();
   const float* lse_p = lse.data_ptr<float>();
-  const float* mean_p = mean.data_ptr<float>();
-  const float* rstd_p = rstd.data_ptr<float>();
   T* dcls = dx_cls.data_ptr<T>();
   T* dtok = dx_tokens.data_ptr<T>();
   float* dw_out = dw.data_ptr<float>();
@@ -588,6 +559,7 @@ void xattn_backward_impl(const Tensor& x_cls, const Tensor& x_tokens, const Tens
   for_each_thread([&]() {
     std::vector<float> row(Cp), xh(kTile * Cp), acc(H * Cp), sc(kTile * H), e(kTile * H), ds(kTile * H),
         dzz(H), dxr(Cp);
+    float rs[kTile];
     for (int64_t item = next_item++; item < B * S; item = next_item++) {
       const int64_t b = item / S, split = item % S;
       const int64_t i0 = split * chunk, i1 = std::min(N, i0 + chunk);
@@ -602,7 +574,9 @@ void xattn_backward_impl(const Tensor& x_cls, const Tensor& x_tokens, const Tens
           if (i + kPrefetch < i1) prefetch_rows(tok + b * tok_sb + (i + kPrefetch - 1) * tok_sm, tok_sm, 1, C, tok_sc);
           const float* r = (i == 0) ? token_row(cls + b * cls_sb, cls_sc, C, Cp, row.data())
                                     : token_row(tok + b * tok_sb + (i - 1) * tok_sm, tok_sc, C, Cp, row.data());
-          ln_apply_row(r, C, Cp, mean_p[b * N + i], rstd_p[b * N + i], xh.data() + j * Cp);
+          // xh = (row - mean) * rstd with the statistics recomputed as the forward computed them
+          rs[j] = ln_center_row(r, C, Cp, eps, xh.data() + j * Cp);
+          scale_row(xh.data() + j * Cp, Cp, rs[j]);
         }
         tile_scores2(xh.data(), nt, Cp, wb, dzb, H, sc.data(), e.data());
         for (int64_t j = 0; j < nt; ++j) {
@@ -614,8 +588,7 @@ void xattn_backward_impl(const Tensor& x_cls, const Tensor& x_tokens, const Tens
         }
         for (int64_t j = 0; j < nt; ++j) {
           const int64_t i = t0 + j;
-          token_grad(xh.data() + j * Cp, C, Cp, sc.data() + j * H, ds.data() + j * H, dzb, wb, H,
-                     rstd_p[b * N + i], dxr.data());
+          token_grad(xh.data() + j * Cp, C, Cp, sc.data() + j * H, ds.data() + j * H, dzb, wb, H, rs[j], dxr.data());
           if (i == 0) {
             store_row(dxr.data(), C, dcls + b * C);
           } else {
@@ -647,38 +620,28 @@ void xattn_backward_impl(const Tensor& x_cls, const Tensor& x_tokens, const Tens
 
 std::tuple<Tensor, Tensor, Tensor> cross_attention_core_backward(const Tensor& x_cls, const Tensor& x_tokens,
                                                                  const Tensor& w, const Tensor& z, const Tensor& lse,
-                                                                 const Tensor& mean, const Tensor& rstd,
-                                                                 const Tensor& dz) {
-  const XShape s = check_xattn_inputs(x_cls, x_tokens, w);
-  check_f32(z, "z");
-  check_f32(lse, "lse");
-  check_f32(mean, "mean");
-  check_f32(rstd, "rstd");
-  check_f32(dz, "dz");
-  check_shape(z, "z", {s.B, s.H, s.C});
-  check_shape(dz, "dz", {s.B, s.H, s.C});
-  check_shape(lse, "lse", {s.B, s.H});
-  check_shape(mean, "mean", {s.B, s.N});
-  check_shape(rstd, "rstd", {s.B, s.N});
+                                                                 const Tensor& dz, double eps) {
+  crossvit_common::expect_device(at::kCPU, x_cls, {&z, &lse, &dz});
+  const XShape s = expect_core_inputs(x_cls, x_tokens, w);
+  crossvit_common::expect_core_saved(s, z, lse, dz);
   Tensor dx_cls = at::empty({s.B, s.C}, x_cls.options());
   Tensor dx_tokens = at::empty({s.B, s.M, s.C}, x_tokens.options());
   Tensor dw = at::empty({s.B, s.H, s.C}, x_cls.options().dtype(at::kFloat));
   Tensor wp = padded_f32(w, s.C, s.Cp);
   Tensor zp = padded_f32(z, s.C, s.Cp);
   Tensor dzp = padded_f32(dz, s.C, s.Cp);
-  Tensor lse_c = lse.contiguous(), mean_c = mean.contiguous(), rstd_c = rstd.contiguous();
+  Tensor lse_c = lse.contiguous();
+  const float e = static_cast<float>(eps);
   switch (x_cls.scalar_type()) {
     case at::kFloat:
-      xattn_backward_impl<float>(x_cls, x_tokens, wp, zp, lse_c, mean_c, rstd_c, dzp, s, dx_cls, dx_tokens, dw);
+      xattn_backward_impl<float>(x_cls, x_tokens, wp, zp, lse_c, dzp, e, s, dx_cls, dx_tokens, dw);
       break;
     case at::kBFloat16:
-      xattn_backward_impl<c10::BFloat16>(x_cls, x_tokens, wp, zp, lse_c, mean_c, rstd_c, dzp, s, dx_cls, dx_tokens,
-                                         dw);
+      xattn_backward_impl<c10::BFloat16>(x_cls, x_tokens, wp, zp, lse_c, dzp, e, s, dx_cls, dx_tokens, dw);
       break;
-    case at::kHalf:
-      xattn_backward_impl<c10::Half>(x_cls, x_tokens, wp, zp, lse_c, mean_c, rstd_c, dzp, s, dx_cls, dx_tokens, dw);
+    default:  // kHalf
+      xattn_backward_impl<c10::Half>(x_cls, x_tokens, wp, zp, lse_c, dzp, e, s, dx_cls, dx_tokens, dw);
       break;
-    default: TORCH_CHECK(false, "unsupported dtype ", dtype_name(x_cls.scalar_type()));
   }
   return {dx_cls, dx_tokens, dw};
 }
@@ -686,12 +649,6 @@ std::tuple<Tensor, Tensor, Tensor> cross_attention_core_backward(const Tensor& x
 // ------------------------------------------------------------------------------------------------
 // patch embedding
 // ------------------------------------------------------------------------------------------------
-
-PShape check_patch_inputs(const Tensor& images, const Tensor& weight) {
-  check_cpu(images, "images");
-  check_cpu(weight, "weight");
-  return crossvit_common::check_patch_dims(images, weight);
-}
 
 
 // patches[p, (ci, ky, kx)] = img[ci, gy*ph + ky, gx*pw + kx] for one image (any strides), in A.
@@ -786,25 +743,18 @@ void patch_embed_forward_impl(const Tensor& images, const Tensor& wt, const Tens
   }
 }
 
-Tensor patch_embed_forward(const Tensor& images, const Tensor& weight, const std::optional<Tensor>& bias,
+Tensor patch_embed_forward(const Tensor& images, const Tensor& weight, const std::optional<Tensor>& bias_opt,
                            const Tensor& pos_embed, const Tensor& cls_token) {
-  const PShape p = check_patch_inputs(images, weight);
-  check_cpu(pos_embed, "pos_embed");
-  check_cpu(cls_token, "cls_token");
+  const Tensor bias = bias_opt.value_or(Tensor());
+  crossvit_common::expect_device(at::kCPU, images, {&weight, &pos_embed, &cls_token});
+  if (bias.defined()) crossvit_common::expect_device(at::kCPU, images, {&bias});
+  const PShape p = crossvit_common::expect_patch_inputs(images, weight);
   const auto st = images.scalar_type();
-  TORCH_CHECK(pos_embed.scalar_type() == st && cls_token.scalar_type() == st,
-              "pos_embed and cls_token must have the dtype of images (", dtype_name(st), ")");
-  check_shape(pos_embed, "pos_embed", {1 + p.P, p.C});
-  check_shape(cls_token, "cls_token", {p.C});
-  if (bias.has_value() && bias->defined()) {
-    check_cpu(*bias, "bias");
-    TORCH_CHECK(bias->scalar_type() == st, "bias must have the dtype of images (", dtype_name(st), ")");
-    check_shape(*bias, "bias", {p.C});
-  }
+  crossvit_common::expect_patch_extras(p, st, pos_embed, cls_token, bias);
   const auto acc = acc_type(st);
   Tensor wt = weight.detach().reshape({p.C, p.K}).to(acc).t();  // (K, C)
   Tensor posb = pos_embed.detach().narrow(0, 1, p.P).to(acc);
-  if (bias.has_value() && bias->defined()) posb = posb + bias->detach().to(acc);
+  if (bias.defined()) posb = posb + bias.detach().to(acc);
   posb = posb.contiguous();
   Tensor cls_row = (cls_token.detach().to(acc) + pos_embed.detach().select(0, 0).to(acc)).to(st);
   Tensor out = at::empty({p.B, 1 + p.P, p.C}, images.options());
@@ -812,8 +762,7 @@ Tensor patch_embed_forward(const Tensor& images, const Tensor& weight, const std
     case at::kFloat: patch_embed_forward_impl<float, float>(images, wt, posb, cls_row, p, out); break;
     case at::kDouble: patch_embed_forward_impl<double, double>(images, wt, posb, cls_row, p, out); break;
     case at::kBFloat16: patch_embed_forward_impl<c10::BFloat16, float>(images, wt, posb, cls_row, p, out); break;
-    case at::kHalf: patch_embed_forward_impl<c10::Half, float>(images, wt, posb, cls_row, p, out); break;
-    default: TORCH_CHECK(false, "unsupported dtype ", dtype_name(st));
+    default: patch_embed_forward_impl<c10::Half, float>(images, wt, posb, cls_row, p, out); break;  // kHalf
   }
   return out;
 }
@@ -840,12 +789,10 @@ void patch_embed_backward_impl(const Tensor& g, const Tensor& images, const Tens
 
 std::tuple<std::optional<Tensor>, Tensor, std::optional<Tensor>, Tensor, Tensor> patch_embed_backward(
     const Tensor& grad_out, const Tensor& images, const Tensor& weight, bool has_bias, bool needs_images_grad) {
-  const PShape p = check_patch_inputs(images, weight);
-  check_cpu(grad_out, "grad_out");
-  TORCH_CHECK(grad_out.scalar_type() == images.scalar_type(), "grad_out must have the dtype of images (",
-              dtype_name(images.scalar_type()), "), got ", dtype_name(grad_out.scalar_type()));
-  check_shape(grad_out, "grad_out", {p.B, 1 + p.P, p.C});
+  crossvit_common::expect_device(at::kCPU, images, {&weight, &grad_out});
+  const PShape p = crossvit_common::expect_patch_inputs(images, weight);
   const auto st = images.scalar_type();
+  crossvit_common::expect_patch_grad(p, st, grad_out);
   const auto acc = acc_type(st);
   Tensor g = grad_out.contiguous();
   // sums over the batch (the reduction runs over dim 0 for each output element: fixed order)
@@ -864,15 +811,16 @@ std::tuple<std::optional<Tensor>, Tensor, std::optional<Tensor>, Tensor, Tensor>
     case at::kBFloat16:
       patch_embed_backward_impl<c10::BFloat16, float>(g, images, wmat, p, needs_images_grad, dW, di);
       break;
-    case at::kHalf: patch_embed_backward_impl<c10::Half, float>(g, images, wmat, p, needs_images_grad, dW, di); break;
-    default: TORCH_CHECK(false, "unsupported dtype ", dtype_name(st));
+    default:  // kHalf
+      patch_embed_backward_impl<c10::Half, float>(g, images, wmat, p, needs_images_grad, dW, di);
+      break;
   }
   if (needs_images_grad) d_images = di;
   const auto wt = weight.scalar_type();
   return {d_images, dW.reshape({p.C, p.Cin, p.ph, p.pw}).to(wt), d_bias, d_pos.to(wt), d_cls.to(wt)};
 }
 
-// A small probe for the tests: which vector clone the running CPU uses (x86-64 GCC builds only).
+// Which vector clone the running CPU uses (x86-64 GCC builds only); the CPU benchmark records it.
 std::string cpu_capability() {
 #if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__) && defined(__linux__) && !defined(CVK_NO_CLONES)
   __builtin_cpu_init();
@@ -887,18 +835,18 @@ std::string cpu_capability() {
 }  // namespace
 }  // namespace cvk
 
-using namespace pybind11::literals;
-
-PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.doc() = "crossvit-kernels CPU kernels (backend 'cpp'); use them through crossvit_kernels.ops";
-  m.def("cross_attention_core_forward", &cvk::cross_attention_core_forward, "x_cls"_a, "x_tokens"_a, "w"_a,
-        "eps"_a);
-  m.def("cross_attention_core_backward", &cvk::cross_attention_core_backward, "x_cls"_a, "x_tokens"_a, "w"_a, "z"_a,
-        "lse"_a, "mean"_a, "rstd"_a, "dz"_a);
-  m.def("patch_embed_forward", &cvk::patch_embed_forward, "images"_a, "weight"_a, "bias"_a, "pos_embed"_a,
-        "cls_token"_a);
-  m.def("patch_embed_backward", &cvk::patch_embed_backward, "grad_out"_a, "images"_a, "weight"_a, "has_bias"_a,
-        "needs_images_grad"_a);
-  m.def("cpu_capability", &cvk::cpu_capability);
-  m.def("num_splits", &cvk::num_splits, "B"_a, "N"_a);
+// The operators, in a namespace of this module's own: the CUDA module registers its own
+// (crossvit_kernels_cuda), so that each library is complete without the other.
+TORCH_LIBRARY(crossvit_kernels_cpu, m) {
+  crossvit_common::define_operators(m);
+  m.def("cpu_capability() -> str", &cvk::cpu_capability);
 }
+
+TORCH_LIBRARY_IMPL(crossvit_kernels_cpu, CPU, m) {
+  m.impl("cross_attention_core_forward", &cvk::cross_attention_core_forward);
+  m.impl("cross_attention_core_backward", &cvk::cross_attention_core_backward);
+  m.impl("patch_embed_forward", &cvk::patch_embed_forward);
+  m.impl("patch_embed_backward", &cvk::patch_embed_backward);
+}
+
+CVK_PYTHON_MODULE(_C_cpu)

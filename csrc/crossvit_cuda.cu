@@ -1,24 +1,26 @@
-// CUDA kernels of crossvit-kernels (backend "cuda", the fallback where Triton is missing). Same
-// functions and semantics as csrc/crossvit_cpu.cpp and crossvit_kernels/impl/torch_impl.py.
+// CUDA kernels of crossvit-kernels (backend "cuda", the fallback where Triton is missing),
+// registered as the torch operators crossvit_kernels_cuda::*. Same operators and semantics as
+// csrc/crossvit_cpu.cpp and crossvit_kernels/backends/pytorch.py.
 //
 // Cross-attention core: one thread block per (batch row, token split). The block walks its tokens
 // in tiles of T held in shared memory: each warp normalises whole tokens (LayerNorm statistics by
 // warp shuffles), warps compute the T x H scores (dot products reduced by shuffles), one thread
 // per head updates the online softmax, and all threads update z (H x C in shared memory). Every
-// token is read from global memory once forward, and once backward where its gradient is written
-// once. A small kernel combines the splits of a row in split order.
+// token is read from global memory once forward, and once backward, which recomputes its
+// statistics with the forward's code and writes its gradient once. A small kernel combines the
+// splits of a row in split order.
 //
 // Patch embedding: one gather kernel (image -> patch matrix), at::mm, and one epilogue kernel that
 // writes the CLS row, adds bias and position embedding and writes the token buffer (no cat).
+
+#include "common.h"
 
 #include <ATen/ATen.h>
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
 #include <cuda_runtime.h>
-#include <torch/csrc/utils/pybind.h>
-
-#include "common.h"
+#include <torch/library.h>
 
 #include <cmath>
 #include <optional>
@@ -54,18 +56,39 @@ __device__ __forceinline__ float ld(const T* p) {
   return static_cast<float>(*p);
 }
 
+// One warp normalises one token: row = (x - mean) * rstd for the token at src (element stride sc);
+// returns rstd (to every lane). The one home of the statistics: the forward and the backward both
+// compute them here, so the backward's normalised tokens are the forward's bit for bit.
+template <typename T>
+__device__ __forceinline__ float ln_row(const T* src, int64_t sc, int64_t C, float eps, float* row, int lane) {
+  float s = 0.f;
+  for (int64_t c = lane; c < C; c += 32) {
+    const float v = ld(src + c * sc);
+    row[c] = v;
+    s += v;
+  }
+  const float mean = warp_sum(s) / static_cast<float>(C);
+  float q = 0.f;
+  for (int64_t c = lane; c < C; c += 32) {
+    const float d = row[c] - mean;
+    q += d * d;
+  }
+  const float rstd = rsqrtf(warp_sum(q) / static_cast<float>(C) + eps);
+  for (int64_t c = lane; c < C; c += 32) row[c] = (row[c] - mean) * rstd;
+  return rstd;
+}
+
 // ------------------------------------------------------------------------------------------------
 // cross-attention core: forward
 // ------------------------------------------------------------------------------------------------
 // x_cls (B, C) strides (cls_sb, cls_sc); x_tokens (B, M, C) strides (tok_sb, tok_sm, tok_sc);
-// w (B, H, C) f32 contiguous; mean/rstd (B, N); partial m/l (B, S, H), partial z (B, S, H, C).
+// w (B, H, C) f32 contiguous; partial m/l (B, S, H), partial z (B, S, H, C).
 template <typename T>
 __global__ void xattn_fwd_kernel(const T* __restrict__ x_cls, const T* __restrict__ x_tokens,
-                                 const float* __restrict__ w, float* __restrict__ mean_out,
-                                 float* __restrict__ rstd_out, float* __restrict__ part_m,
-                                 float* __restrict__ part_l, float* __restrict__ part_z, int64_t N, int64_t C,
-                                 int64_t H, int64_t chunk, int64_t tile, int64_t cls_sb, int64_t cls_sc,
-                                 int64_t tok_sb, int64_t tok_sm, int64_t tok_sc, float eps) {
+                                 const float* __restrict__ w, float* __restrict__ part_m, float* __restrict__ part_l,
+                                 float* __restrict__ part_z, int64_t N, int64_t C, int64_t H, int64_t chunk,
+                                 int64_t tile, int64_t cls_sb, int64_t cls_sc, int64_t tok_sb, int64_t tok_sm,
+                                 int64_t tok_sc, float eps) {
   extern __shared__ float smem[];
   const int64_t S = gridDim.x;
   const int64_t split = blockIdx.x;
@@ -99,25 +122,7 @@ __global__ void xattn_fwd_kernel(const T* __restrict__ x_cls, const T* __restric
       const int64_t i = t0 + j;
       const T* src = (i == 0) ? x_cls + b * cls_sb : x_tokens + b * tok_sb + (i - 1) * tok_sm;
       const int64_t sc = (i == 0) ? cls_sc : tok_sc;
-      float* row = xh_s + j * C;
-      float s = 0.f;
-      for (int64_t c = lane; c < C; c += 32) {
-        const float v = ld(src + c * sc);
-        row[c] = v;
-        s += v;
-      }
-      const float mean = warp_sum(s) / static_cast<float>(C);
-      float q = 0.f;
-      for (int64_t c = lane; c < C; c += 32) {
-        const float d = row[c] - mean;
-        q += d * d;
-      }
-      const float rstd = rsqrtf(warp_sum(q) / static_cast<float>(C) + eps);
-      for (int64_t c = lane; c < C; c += 32) row[c] = (row[c] - mean) * rstd;
-      if (lane == 0) {
-        mean_out[b * N + i] = mean;
-        rstd_out[b * N + i] = rstd;
-      }
+      ln_row(src, sc, C, eps, xh_s + j * C, lane);
     }
     __syncthreads();
     // 2. scores, one warp per (token, head)
@@ -195,11 +200,10 @@ __global__ void xattn_fwd_combine_kernel(const float* __restrict__ part_m, const
 template <typename T>
 __global__ void xattn_bwd_kernel(const T* __restrict__ x_cls, const T* __restrict__ x_tokens,
                                  const float* __restrict__ w, const float* __restrict__ z,
-                                 const float* __restrict__ lse, const float* __restrict__ mean,
-                                 const float* __restrict__ rstd, const float* __restrict__ dz, T* __restrict__ dx_cls,
+                                 const float* __restrict__ lse, const float* __restrict__ dz, T* __restrict__ dx_cls,
                                  T* __restrict__ dx_tokens, float* __restrict__ part_dw, int64_t N, int64_t C,
                                  int64_t H, int64_t chunk, int64_t tile, int64_t cls_sb, int64_t cls_sc,
-                                 int64_t tok_sb, int64_t tok_sm, int64_t tok_sc) {
+                                 int64_t tok_sb, int64_t tok_sm, int64_t tok_sc, float eps) {
   extern __shared__ float smem[];
   const int64_t S = gridDim.x;
   const int64_t split = blockIdx.x;
@@ -216,6 +220,7 @@ __global__ void xattn_bwd_kernel(const T* __restrict__ x_cls, const T* __restric
   float* ds_s = a_s + tile * H;    // tile * H
   float* dzz_s = ds_s + tile * H;  // H
   float* lse_s = dzz_s + H;        // H
+  float* rstd_s = lse_s + H;       // tile
 
   for (int64_t k = tid; k < HC; k += kThreads) {
     w_s[k] = w[b * HC + k];
@@ -236,14 +241,13 @@ __global__ void xattn_bwd_kernel(const T* __restrict__ x_cls, const T* __restric
 
   for (int64_t t0 = i0; t0 < i1; t0 += tile) {
     const int64_t nt = min(tile, i1 - t0);
-    // 1. xh from the saved statistics, one warp per token
+    // 1. xh with the statistics recomputed as the forward computed them, one warp per token
     for (int64_t j = warp; j < nt; j += kWarps) {
       const int64_t i = t0 + j;
       const T* src = (i == 0) ? x_cls + b * cls_sb : x_tokens + b * tok_sb + (i - 1) * tok_sm;
       const int64_t sc = (i == 0) ? cls_sc : tok_sc;
-      const float mu = mean[b * N + i], r = rstd[b * N + i];
-      float* row = xh_s + j * C;
-      for (int64_t c = lane; c < C; c += 32) row[c] = (ld(src + c * sc) - mu) * r;
+      const float r = ln_row(src, sc, C, eps, xh_s + j * C, lane);
+      if (lane == 0) rstd_s[j] = r;
     }
     __syncthreads();
     // 2. probabilities and score gradients, one warp per (token, head)
@@ -280,7 +284,7 @@ __global__ void xattn_bwd_kernel(const T* __restrict__ x_cls, const T* __restric
       }
       const float m1 = warp_sum(s1) / static_cast<float>(C);
       const float m2 = warp_sum(s2) / static_cast<float>(C);
-      const float r = rstd[b * N + i];
+      const float r = rstd_s[j];
       T* dst = (i == 0) ? dx_cls + b * C : dx_tokens + (b * M + (i - 1)) * C;
       for (int64_t c = lane; c < C; c += 32) dst[c] = static_cast<T>(r * (g[c] - m1 - x[c] * m2));
     }
@@ -308,38 +312,16 @@ __global__ void xattn_bwd_combine_kernel(const float* __restrict__ part_dw, floa
 }
 
 // ------------------------------------------------------------------------------------------------
-// host side: checks and launches
+// host side: preconditions (crossvit_kernels.ops has validated the inputs; see common.h), limits
+// of these kernels, launches
 // ------------------------------------------------------------------------------------------------
 using crossvit_common::acc_type;
-using crossvit_common::check_shape;
-using crossvit_common::dtype_name;
 using crossvit_common::PShape;
-
-void check_cuda(const Tensor& t, const char* name) {
-  TORCH_CHECK(t.defined(), name, " is undefined; pass a tensor");
-  TORCH_CHECK(t.is_cuda(), name, " must be a CUDA tensor for the cuda backend, got a tensor on ", t.device(),
-              "; use backend='cpp' or 'torch' for CPU tensors");
-}
-
-void check_f32(const Tensor& t, const char* name) {
-  check_cuda(t, name);
-  crossvit_common::check_is_f32(t, name);
-}
-
-void check_same_device(const Tensor& a, const Tensor& b, const char* na, const char* nb) {
-  TORCH_CHECK(a.device() == b.device(), na, " is on ", a.device(), " but ", nb, " is on ", b.device(),
-              "; move all inputs to one device");
-}
-
 using XShape = crossvit_common::XDims;
 
-XShape check_xattn_inputs(const Tensor& x_cls, const Tensor& x_tokens, const Tensor& w) {
-  check_cuda(x_cls, "x_cls");
-  check_cuda(x_tokens, "x_tokens");
-  check_cuda(w, "w");
-  check_same_device(x_cls, x_tokens, "x_cls", "x_tokens");
-  check_same_device(x_cls, w, "x_cls", "w");
-  const XShape s = crossvit_common::check_xattn_dims(x_cls, x_tokens, w, "cuda");
+XShape expect_core_inputs(const Tensor& x_cls, const Tensor& x_tokens, const Tensor& w) {
+  crossvit_common::expect_device(at::kCUDA, x_cls, {&x_tokens, &w});
+  const XShape s = crossvit_common::expect_core_inputs(x_cls, x_tokens, w);
   TORCH_CHECK(s.B <= 65535, "batch size ", s.B, " exceeds the CUDA grid limit 65535; split the batch");
   TORCH_CHECK(s.H <= kThreads, "the cuda backend supports at most ", kThreads, " heads, got H = ", s.H,
               "; use backend='triton' or 'torch'");
@@ -374,7 +356,7 @@ std::pair<int64_t, size_t> pick_tile(Kernel kernel, int64_t max_tile, int64_t fi
 
 template <typename T>
 void launch_xattn_forward(const Tensor& x_cls, const Tensor& x_tokens, const Tensor& w, float eps, const XShape& s,
-                          Tensor& z, Tensor& lse, Tensor& mean, Tensor& rstd) {
+                          Tensor& z, Tensor& lse) {
   const int64_t S = num_splits(s.B, s.N);
   const int64_t chunk = (s.N + S - 1) / S;
   auto f32 = x_cls.options().dtype(at::kFloat);
@@ -386,10 +368,9 @@ void launch_xattn_forward(const Tensor& x_cls, const Tensor& x_tokens, const Ten
   cudaStream_t stream = current_stream();
   dim3 grid(static_cast<unsigned>(S), static_cast<unsigned>(s.B));
   kernel<<<grid, kThreads, smem, stream>>>(
-      x_cls.data_ptr<T>(), x_tokens.data_ptr<T>(), w.data_ptr<float>(), mean.data_ptr<float>(),
-      rstd.data_ptr<float>(), part_m.data_ptr<float>(), part_l.data_ptr<float>(), part_z.data_ptr<float>(), s.N,
-      s.C, s.H, chunk, tile, x_cls.stride(0), x_cls.stride(1), x_tokens.stride(0), x_tokens.stride(1),
-      x_tokens.stride(2), eps);
+      x_cls.data_ptr<T>(), x_tokens.data_ptr<T>(), w.data_ptr<float>(), part_m.data_ptr<float>(),
+      part_l.data_ptr<float>(), part_z.data_ptr<float>(), s.N, s.C, s.H, chunk, tile, x_cls.stride(0),
+      x_cls.stride(1), x_tokens.stride(0), x_tokens.stride(1), x_tokens.stride(2), eps);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   xattn_fwd_combine_kernel<<<static_cast<unsigned>(s.B), kThreads, 0, stream>>>(
       part_m.data_ptr<float>(), part_l.data_ptr<float>(), part_z.data_ptr<float>(), z.data_ptr<float>(),
@@ -397,43 +378,38 @@ void launch_xattn_forward(const Tensor& x_cls, const Tensor& x_tokens, const Ten
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
-std::tuple<Tensor, Tensor, Tensor, Tensor> cross_attention_core_forward(const Tensor& x_cls, const Tensor& x_tokens,
-                                                                        const Tensor& w_in, double eps) {
-  const XShape s = check_xattn_inputs(x_cls, x_tokens, w_in);
-  TORCH_CHECK(std::isfinite(eps) && eps >= 0, "eps must be a finite non-negative number, got ", eps);
+std::tuple<Tensor, Tensor> cross_attention_core_forward(const Tensor& x_cls, const Tensor& x_tokens,
+                                                        const Tensor& w_in, double eps) {
+  const XShape s = expect_core_inputs(x_cls, x_tokens, w_in);
   const c10::cuda::CUDAGuard guard(x_cls.device());
   Tensor w = w_in.contiguous();
   auto f32 = x_cls.options().dtype(at::kFloat);
   Tensor z = at::empty({s.B, s.H, s.C}, f32);
   Tensor lse = at::empty({s.B, s.H}, f32);
-  Tensor mean = at::empty({s.B, s.N}, f32);
-  Tensor rstd = at::empty({s.B, s.N}, f32);
   const float e = static_cast<float>(eps);
   switch (x_cls.scalar_type()) {
-    case at::kFloat: launch_xattn_forward<float>(x_cls, x_tokens, w, e, s, z, lse, mean, rstd); break;
-    case at::kBFloat16: launch_xattn_forward<c10::BFloat16>(x_cls, x_tokens, w, e, s, z, lse, mean, rstd); break;
-    case at::kHalf: launch_xattn_forward<c10::Half>(x_cls, x_tokens, w, e, s, z, lse, mean, rstd); break;
-    default: TORCH_CHECK(false, "unsupported dtype ", dtype_name(x_cls.scalar_type()));
+    case at::kFloat: launch_xattn_forward<float>(x_cls, x_tokens, w, e, s, z, lse); break;
+    case at::kBFloat16: launch_xattn_forward<c10::BFloat16>(x_cls, x_tokens, w, e, s, z, lse); break;
+    default: launch_xattn_forward<c10::Half>(x_cls, x_tokens, w, e, s, z, lse); break;  // kHalf
   }
-  return {z, lse, mean, rstd};
+  return {z, lse};
 }
 
 template <typename T>
 void launch_xattn_backward(const Tensor& x_cls, const Tensor& x_tokens, const Tensor& w, const Tensor& z,
-                           const Tensor& lse, const Tensor& mean, const Tensor& rstd, const Tensor& dz,
-                           const XShape& s, Tensor& dx_cls, Tensor& dx_tokens, Tensor& dw) {
+                           const Tensor& lse, const Tensor& dz, float eps, const XShape& s, Tensor& dx_cls,
+                           Tensor& dx_tokens, Tensor& dw) {
   const int64_t S = num_splits(s.B, s.N);
   const int64_t chunk = (s.N + S - 1) / S;
   Tensor part_dw = at::empty({s.B, S, s.H, s.C}, x_cls.options().dtype(at::kFloat));
   auto kernel = xattn_bwd_kernel<T>;
-  auto [tile, smem] = pick_tile(kernel, 16, 3 * s.H * s.C + 2 * s.H, 2 * s.C + 2 * s.H);
+  auto [tile, smem] = pick_tile(kernel, 16, 3 * s.H * s.C + 2 * s.H, 2 * s.C + 2 * s.H + 1);
   cudaStream_t stream = current_stream();
   dim3 grid(static_cast<unsigned>(S), static_cast<unsigned>(s.B));
   kernel<<<grid, kThreads, smem, stream>>>(
       x_cls.data_ptr<T>(), x_tokens.data_ptr<T>(), w.data_ptr<float>(), z.data_ptr<float>(), lse.data_ptr<float>(),
-      mean.data_ptr<float>(), rstd.data_ptr<float>(), dz.data_ptr<float>(), dx_cls.data_ptr<T>(),
-      dx_tokens.data_ptr<T>(), part_dw.data_ptr<float>(), s.N, s.C, s.H, chunk, tile, x_cls.stride(0),
-      x_cls.stride(1), x_tokens.stride(0), x_tokens.stride(1), x_tokens.stride(2));
+      dz.data_ptr<float>(), dx_cls.data_ptr<T>(), dx_tokens.data_ptr<T>(), part_dw.data_ptr<float>(), s.N, s.C, s.H,
+      chunk, tile, x_cls.stride(0), x_cls.stride(1), x_tokens.stride(0), x_tokens.stride(1), x_tokens.stride(2), eps);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   xattn_bwd_combine_kernel<<<static_cast<unsigned>(s.B), kThreads, 0, stream>>>(part_dw.data_ptr<float>(),
                                                                                 dw.data_ptr<float>(), S, s.H * s.C);
@@ -442,37 +418,25 @@ void launch_xattn_backward(const Tensor& x_cls, const Tensor& x_tokens, const Te
 
 std::tuple<Tensor, Tensor, Tensor> cross_attention_core_backward(const Tensor& x_cls, const Tensor& x_tokens,
                                                                  const Tensor& w_in, const Tensor& z_in,
-                                                                 const Tensor& lse_in, const Tensor& mean_in,
-                                                                 const Tensor& rstd_in, const Tensor& dz_in) {
-  const XShape s = check_xattn_inputs(x_cls, x_tokens, w_in);
-  const Tensor* saved[] = {&z_in, &lse_in, &mean_in, &rstd_in, &dz_in};
-  const char* names[] = {"z", "lse", "mean", "rstd", "dz"};
-  for (int k = 0; k < 5; ++k) {
-    check_f32(*saved[k], names[k]);
-    check_same_device(x_cls, *saved[k], "x_cls", names[k]);
-  }
-  check_shape(z_in, "z", {s.B, s.H, s.C});
-  check_shape(dz_in, "dz", {s.B, s.H, s.C});
-  check_shape(lse_in, "lse", {s.B, s.H});
-  check_shape(mean_in, "mean", {s.B, s.N});
-  check_shape(rstd_in, "rstd", {s.B, s.N});
+                                                                 const Tensor& lse_in, const Tensor& dz_in,
+                                                                 double eps) {
+  crossvit_common::expect_device(at::kCUDA, x_cls, {&z_in, &lse_in, &dz_in});
+  const XShape s = expect_core_inputs(x_cls, x_tokens, w_in);
+  crossvit_common::expect_core_saved(s, z_in, lse_in, dz_in);
   const c10::cuda::CUDAGuard guard(x_cls.device());
-  Tensor w = w_in.contiguous(), z = z_in.contiguous(), lse = lse_in.contiguous();
-  Tensor mean = mean_in.contiguous(), rstd = rstd_in.contiguous(), dz = dz_in.contiguous();
+  Tensor w = w_in.contiguous(), z = z_in.contiguous(), lse = lse_in.contiguous(), dz = dz_in.contiguous();
   Tensor dx_cls = at::empty({s.B, s.C}, x_cls.options());
   Tensor dx_tokens = at::empty({s.B, s.M, s.C}, x_tokens.options());
   Tensor dw = at::empty({s.B, s.H, s.C}, x_cls.options().dtype(at::kFloat));
+  const float e = static_cast<float>(eps);
   switch (x_cls.scalar_type()) {
-    case at::kFloat:
-      launch_xattn_backward<float>(x_cls, x_tokens, w, z, lse, mean, rstd, dz, s, dx_cls, dx_tokens, dw);
-      break;
+    case at::kFloat: launch_xattn_backward<float>(x_cls, x_tokens, w, z, lse, dz, e, s, dx_cls, dx_tokens, dw); break;
     case at::kBFloat16:
-      launch_xattn_backward<c10::BFloat16>(x_cls, x_tokens, w, z, lse, mean, rstd, dz, s, dx_cls, dx_tokens, dw);
+      launch_xattn_backward<c10::BFloat16>(x_cls, x_tokens, w, z, lse, dz, e, s, dx_cls, dx_tokens, dw);
       break;
-    case at::kHalf:
-      launch_xattn_backward<c10::Half>(x_cls, x_tokens, w, z, lse, mean, rstd, dz, s, dx_cls, dx_tokens, dw);
+    default:  // kHalf
+      launch_xattn_backward<c10::Half>(x_cls, x_tokens, w, z, lse, dz, e, s, dx_cls, dx_tokens, dw);
       break;
-    default: TORCH_CHECK(false, "unsupported dtype ", dtype_name(x_cls.scalar_type()));
   }
   return {dx_cls, dx_tokens, dw};
 }
@@ -541,14 +505,6 @@ unsigned grid_for(int64_t total) {
   return static_cast<unsigned>(std::max<int64_t>(1, std::min(blocks, cap)));
 }
 
-PShape check_patch_inputs(const Tensor& images, const Tensor& weight) {
-  check_cuda(images, "images");
-  check_cuda(weight, "weight");
-  check_same_device(images, weight, "images", "weight");
-  return crossvit_common::check_patch_dims(images, weight);
-}
-
-
 template <typename T, typename A>
 Tensor gather(const Tensor& images, const PShape& p) {
   Tensor patches = at::empty({p.B * p.P, p.K}, images.options().dtype(acc_type(images.scalar_type())));
@@ -574,24 +530,13 @@ void patch_forward_typed(const Tensor& images, const Tensor& weight, const Tenso
 
 Tensor patch_embed_forward(const Tensor& images, const Tensor& weight, const std::optional<Tensor>& bias_opt,
                            const Tensor& pos_embed, const Tensor& cls_token) {
-  const PShape p = check_patch_inputs(images, weight);
+  Tensor bias = bias_opt.value_or(Tensor());
+  crossvit_common::expect_device(at::kCUDA, images, {&weight, &pos_embed, &cls_token});
+  if (bias.defined()) crossvit_common::expect_device(at::kCUDA, images, {&bias});
+  const PShape p = crossvit_common::expect_patch_inputs(images, weight);
   const auto st = images.scalar_type();
-  check_cuda(pos_embed, "pos_embed");
-  check_cuda(cls_token, "cls_token");
-  check_same_device(images, pos_embed, "images", "pos_embed");
-  check_same_device(images, cls_token, "images", "cls_token");
-  TORCH_CHECK(pos_embed.scalar_type() == st && cls_token.scalar_type() == st,
-              "pos_embed and cls_token must have the dtype of images (", dtype_name(st), ")");
-  check_shape(pos_embed, "pos_embed", {1 + p.P, p.C});
-  check_shape(cls_token, "cls_token", {p.C});
-  Tensor bias;
-  if (bias_opt.has_value() && bias_opt->defined()) {
-    bias = bias_opt->contiguous();
-    check_cuda(bias, "bias");
-    check_same_device(images, bias, "images", "bias");
-    TORCH_CHECK(bias.scalar_type() == st, "bias must have the dtype of images (", dtype_name(st), ")");
-    check_shape(bias, "bias", {p.C});
-  }
+  crossvit_common::expect_patch_extras(p, st, pos_embed, cls_token, bias);
+  if (bias.defined()) bias = bias.contiguous();
   const c10::cuda::CUDAGuard guard(images.device());
   Tensor pos = pos_embed.contiguous(), cls = cls_token.contiguous();
   Tensor out = at::empty({p.B, 1 + p.P, p.C}, images.options());
@@ -599,8 +544,7 @@ Tensor patch_embed_forward(const Tensor& images, const Tensor& weight, const std
     case at::kFloat: patch_forward_typed<float, float>(images, weight, bias, pos, cls, p, out); break;
     case at::kDouble: patch_forward_typed<double, double>(images, weight, bias, pos, cls, p, out); break;
     case at::kBFloat16: patch_forward_typed<c10::BFloat16, float>(images, weight, bias, pos, cls, p, out); break;
-    case at::kHalf: patch_forward_typed<c10::Half, float>(images, weight, bias, pos, cls, p, out); break;
-    default: TORCH_CHECK(false, "unsupported dtype ", dtype_name(st));
+    default: patch_forward_typed<c10::Half, float>(images, weight, bias, pos, cls, p, out); break;  // kHalf
   }
   return out;
 }
@@ -622,13 +566,10 @@ void patch_backward_typed(const Tensor& g_tok, const Tensor& images, const Tenso
 
 std::tuple<std::optional<Tensor>, Tensor, std::optional<Tensor>, Tensor, Tensor> patch_embed_backward(
     const Tensor& grad_out, const Tensor& images, const Tensor& weight, bool has_bias, bool needs_images_grad) {
-  const PShape p = check_patch_inputs(images, weight);
-  check_cuda(grad_out, "grad_out");
-  check_same_device(images, grad_out, "images", "grad_out");
+  crossvit_common::expect_device(at::kCUDA, images, {&weight, &grad_out});
+  const PShape p = crossvit_common::expect_patch_inputs(images, weight);
   const auto st = images.scalar_type();
-  TORCH_CHECK(grad_out.scalar_type() == st, "grad_out must have the dtype of images (", dtype_name(st), "), got ",
-              dtype_name(grad_out.scalar_type()));
-  check_shape(grad_out, "grad_out", {p.B, 1 + p.P, p.C});
+  crossvit_common::expect_patch_grad(p, st, grad_out);
   const c10::cuda::CUDAGuard guard(images.device());
   const auto acc = acc_type(st);
   Tensor d_pos = at::sum(grad_out, {0}, false, acc);  // (1+P, C)
@@ -644,8 +585,9 @@ std::tuple<std::optional<Tensor>, Tensor, std::optional<Tensor>, Tensor, Tensor>
     case at::kBFloat16:
       patch_backward_typed<c10::BFloat16, float>(g_tok, images, wmat, p, needs_images_grad, dW, di);
       break;
-    case at::kHalf: patch_backward_typed<c10::Half, float>(g_tok, images, wmat, p, needs_images_grad, dW, di); break;
-    default: TORCH_CHECK(false, "unsupported dtype ", dtype_name(st));
+    default:  // kHalf
+      patch_backward_typed<c10::Half, float>(g_tok, images, wmat, p, needs_images_grad, dW, di);
+      break;
   }
   std::optional<Tensor> d_images;
   if (needs_images_grad) d_images = di;
@@ -656,16 +598,17 @@ std::tuple<std::optional<Tensor>, Tensor, std::optional<Tensor>, Tensor, Tensor>
 }  // namespace
 }  // namespace cvk_cuda
 
-using namespace pybind11::literals;
-
-PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.doc() = "crossvit-kernels CUDA kernels (backend 'cuda'); use them through crossvit_kernels.ops";
-  m.def("cross_attention_core_forward", &cvk_cuda::cross_attention_core_forward, "x_cls"_a, "x_tokens"_a, "w"_a,
-        "eps"_a);
-  m.def("cross_attention_core_backward", &cvk_cuda::cross_attention_core_backward, "x_cls"_a, "x_tokens"_a, "w"_a,
-        "z"_a, "lse"_a, "mean"_a, "rstd"_a, "dz"_a);
-  m.def("patch_embed_forward", &cvk_cuda::patch_embed_forward, "images"_a, "weight"_a, "bias"_a, "pos_embed"_a,
-        "cls_token"_a);
-  m.def("patch_embed_backward", &cvk_cuda::patch_embed_backward, "grad_out"_a, "images"_a, "weight"_a, "has_bias"_a,
-        "needs_images_grad"_a);
+// The operators, in a namespace of this module's own (the CPU module has crossvit_kernels_cpu), so
+// that each library is complete without the other.
+TORCH_LIBRARY(crossvit_kernels_cuda, m) {
+  crossvit_common::define_operators(m);
 }
+
+TORCH_LIBRARY_IMPL(crossvit_kernels_cuda, CUDA, m) {
+  m.impl("cross_attention_core_forward", &cvk_cuda::cross_attention_core_forward);
+  m.impl("cross_attention_core_backward", &cvk_cuda::cross_attention_core_backward);
+  m.impl("patch_embed_forward", &cvk_cuda::patch_embed_forward);
+  m.impl("patch_embed_backward", &cvk_cuda::patch_embed_backward);
+}
+
+CVK_PYTHON_MODULE(_C_cuda)

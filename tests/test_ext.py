@@ -1,35 +1,47 @@
-"""The compiled extension: backends "cpp" (CPU) and "cuda", and its loader (crossvit_kernels._ext).
+"""The compiled extension: backends "cpp" (CPU) and "cuda", and its loader
+(crossvit_kernels.backends.extension).
 
 * Both ops, forward and every gradient, through the public entries with backend="cpp", against
   the float64 textbook oracle under the flash-attention criterion of helpers.py.
-* The core functions against crossvit_kernels.impl.torch_impl directly (any token strides, dtypes).
+* The cores and the patch embedding against the "torch" backend directly (any token strides,
+  dtypes).
 * Results independent of the thread count (1 and 2 threads bitwise identical).
-* Bad inputs to the raw extension functions raise with a message that says what to fix.
-* The loader: a broken extension degrades to "torch" with one warning; reasons are reported.
+* Every operator of the extension, called directly with inputs that break its contract, raises a
+  Python exception that names the broken condition, never a signal (checked in a child process).
+* The loader: a broken or stale extension degrades to "torch" with one warning; reasons are reported.
 * The CUDA backend (GPU only; skipped here) and the CUDA module's loadability (where it is built).
 """
 from __future__ import annotations
 
+import importlib.util
+import subprocess
+import sys
 import warnings
 
 import pytest
 import torch
 
 import crossvit_kernels
-from crossvit_kernels import _ext, backends
-from crossvit_kernels.impl import torch_impl
+from crossvit_kernels import backends
+from crossvit_kernels.backends import extension
 from crossvit_kernels.ops import cross_attention, patch_embed
 from helpers import (GRAD_FACTOR, HAS_GPU, assert_within_ref_error, cross_attention_inputs, max_err,
                      requires_gpu, run_cross_attention, upcast)
 
-_CPU = _ext.status("cpu")
+_CPU = extension.status("cpu")
 if _CPU.broken:  # built but not loadable: that is a failure to report, not a reason to skip
     raise ImportError(_CPU.reason)
-requires_cpp = pytest.mark.skipif(_CPU.module is None, reason=f"C++ extension not built: {_CPU.reason}")
+requires_cpp = pytest.mark.skipif(_CPU.ops is None, reason=f"C++ extension not built: {_CPU.reason}")
+CUDA_BUILT = importlib.util.find_spec(extension.MODULES["cuda"]) is not None
 
 
-def _cpu_ext():
-    return _ext.get("cpu")
+def _cpu_ops():
+    """torch.ops.crossvit_kernels_cpu: the CPU module's operators."""
+    return _CPU.ops
+
+
+def _torch():
+    return backends.get_backend("torch")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -94,7 +106,7 @@ def test_auto_picks_cpp_on_cpu_and_torch_for_float64():
 
 
 # ---------------------------------------------------------------------------------------------
-# the core functions against torch_impl
+# the core operators against the "torch" backend
 # ---------------------------------------------------------------------------------------------
 
 def _core_inputs(B, M, C, H, dtype, layout, seed=0):
@@ -116,16 +128,17 @@ def _core_inputs(B, M, C, H, dtype, layout, seed=0):
 @pytest.mark.parametrize("layout", ["strided", "contiguous", "transposed"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("B,M,C,H", [(2, 9, 12, 3), (1, 400, 224, 7), (3, 0, 16, 2), (2, 1, 7, 1), (4, 130, 44, 4)])
-def test_core_matches_torch_impl(B, M, C, H, dtype, layout):
-    ext = _cpu_ext()
+def test_core_matches_the_torch_backend(B, M, C, H, dtype, layout):
+    ops = _cpu_ops()
     x_cls, x_tokens, w, dz = _core_inputs(B, M, C, H, dtype, layout)
-    fwd = ext.cross_attention_core_forward(x_cls, x_tokens, w, 1e-6)
-    ref = torch_impl.cross_attention_core_forward(x_cls, x_tokens, w, 1e-6)
-    for name, a, r in zip(("z", "lse", "mean", "rstd"), fwd, ref):
+    fwd = ops.cross_attention_core_forward(x_cls, x_tokens, w, 1e-6)
+    ref = _torch().cross_attention_core_forward(x_cls, x_tokens, w, 1e-6)
+    assert len(fwd) == 2
+    for name, a, r in zip(("z", "lse"), fwd, ref):
         assert a.dtype == torch.float32 and a.shape == r.shape, name
         torch.testing.assert_close(a, r, atol=2e-5, rtol=2e-5, msg=lambda m: f"{name}: {m}")
-    bwd = ext.cross_attention_core_backward(x_cls, x_tokens, w, *fwd, dz)
-    ref_b = torch_impl.cross_attention_core_backward(x_cls, x_tokens, w, *ref, dz)
+    bwd = ops.cross_attention_core_backward(x_cls, x_tokens, w, *fwd, dz, 1e-6)
+    ref_b = _torch().cross_attention_core_backward(x_cls, x_tokens, w, *ref, dz, 1e-6)
     for name, a, r in zip(("dx_cls", "dx_tokens", "dw"), bwd, ref_b):
         assert a.dtype == r.dtype and a.shape == r.shape, name
         assert a.is_contiguous(), f"{name} must be contiguous"
@@ -137,11 +150,11 @@ def test_core_matches_torch_impl(B, M, C, H, dtype, layout):
 
 @requires_cpp
 def test_core_does_not_modify_inputs():
-    ext = _cpu_ext()
+    ops = _cpu_ops()
     x_cls, x_tokens, w, dz = _core_inputs(2, 20, 24, 3, torch.float32, "strided")
     before = [t.clone() for t in (x_cls, x_tokens, w, dz)]
-    fwd = ext.cross_attention_core_forward(x_cls, x_tokens, w, 1e-6)
-    ext.cross_attention_core_backward(x_cls, x_tokens, w, *fwd, dz)
+    fwd = ops.cross_attention_core_forward(x_cls, x_tokens, w, 1e-6)
+    ops.cross_attention_core_backward(x_cls, x_tokens, w, *fwd, dz, 1e-6)
     for a, b in zip((x_cls, x_tokens, w, dz), before):
         assert torch.equal(a, b)
 
@@ -150,19 +163,18 @@ def test_core_does_not_modify_inputs():
 @pytest.mark.parametrize("B,M,C,H", [(1, 400, 224, 7), (3, 196, 448, 7), (64, 40, 20, 4), (2, 77, 13, 1)])
 def test_thread_count_does_not_change_results(B, M, C, H):
     """The token splits depend on the shapes only and are combined in a fixed order."""
-    ext = _cpu_ext()
+    ops = _cpu_ops()
     x_cls, x_tokens, w, dz = _core_inputs(B, M, C, H, torch.float32, "strided", seed=3)
     previous = torch.get_num_threads()
     results = []
     try:
         for n in (1, 2):
             torch.set_num_threads(n)
-            fwd = ext.cross_attention_core_forward(x_cls, x_tokens, w, 1e-6)
-            bwd = ext.cross_attention_core_backward(x_cls, x_tokens, w, *fwd, dz)
+            fwd = ops.cross_attention_core_forward(x_cls, x_tokens, w, 1e-6)
+            bwd = ops.cross_attention_core_backward(x_cls, x_tokens, w, *fwd, dz, 1e-6)
             results.append(tuple(fwd) + tuple(bwd))
     finally:
         torch.set_num_threads(previous)
-    assert ext.num_splits(B, M + 1) >= 1
     for a, b in zip(*results):
         assert torch.equal(a, b), "results differ between 1 and 2 threads"
 
@@ -230,17 +242,17 @@ def test_patch_embed_cpp(shape, dtype, bias):
 
 @requires_cpp
 def test_patch_embed_without_image_grad_and_strided_images():
-    ext = _cpu_ext()
+    ops = _cpu_ops()
     g = torch.Generator().manual_seed(5)
     images = torch.randn(2, 24, 36, 3, generator=g).permute(0, 3, 1, 2)  # channels-last strides
     weight = torch.randn(10, 3, 12, 12, generator=g) * 0.05
     pos, cls = torch.randn(1 + 6, 10, generator=g), torch.randn(10, generator=g)
-    out = ext.patch_embed_forward(images, weight, None, pos, cls)
-    ref = torch_impl.patch_embed_forward(images, weight, None, pos, cls)
+    out = ops.patch_embed_forward(images, weight, None, pos, cls)
+    ref = _torch().patch_embed_forward(images, weight, None, pos, cls)
     torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
     grad = torch.randn_like(ref)
-    d = ext.patch_embed_backward(grad, images, weight, False, False)
-    r = torch_impl.patch_embed_backward(grad, images, weight, False, False)
+    d = ops.patch_embed_backward(grad, images, weight, False, False)
+    r = _torch().patch_embed_backward(grad, images, weight, False, False)
     assert d[0] is None and d[2] is None
     for a, b in zip(d[1:], r[1:]):
         if b is not None:
@@ -269,47 +281,120 @@ def test_ops_under_inference_mode(B):
 
 
 # ---------------------------------------------------------------------------------------------
-# input validation of the raw extension functions
+# direct calls that break an operator's contract
 # ---------------------------------------------------------------------------------------------
 
+def _operators(namespace):
+    """Every operator registered in a torch.ops namespace (what the extension module defines)."""
+    prefix = namespace + "::"
+    return sorted({s.name[len(prefix):] for s in torch._C._jit_get_all_schemas() if s.name.startswith(prefix)})
+
+
+# One call per operator that breaks its contract, as code run in a child process where `ops` is the
+# module's torch.ops namespace and `dev` the device of the tensors; with the condition it breaks.
+BAD_CALLS = {
+    "cross_attention_core_forward": (
+        "ops.cross_attention_core_forward(torch.randn(2, device=dev), torch.randn(2, 5, 8, device=dev), "
+        "torch.randn(2, 2, 8, device=dev), 1e-6)", "x_cls.dim() == 2"),
+    "cross_attention_core_backward": (
+        "x, t, w = torch.randn(2, 8, device=dev), torch.randn(2, 5, 8, device=dev), torch.randn(2, 2, 8, device=dev)\n"
+        "ops.cross_attention_core_backward(x, t, w, torch.randn(2, 2, 8, device=dev), torch.randn(2, 2, device=dev), "
+        "torch.randn(1, 2, 8, device=dev), 1e-6)", "dz.sizes().equals({B, H, C})"),
+    "patch_embed_forward": (
+        "ops.patch_embed_forward(torch.randn(1, 3, 10, 10, device=dev), torch.randn(4, 3, 3, 3, device=dev), None, "
+        "torch.randn(10, 4, device=dev), torch.randn(4, device=dev))", "Hi % ph == 0"),
+    "patch_embed_backward": (
+        "ops.patch_embed_backward(torch.randn(1, 4, 4, device=dev), torch.randn(1, 3, 6, 6, device=dev), "
+        "torch.randn(4, 3, 3, 3, device=dev), True, True)", "grad_out.sizes().equals({B, 1 + P, C})"),
+    "cpu_capability": ("ops.cpu_capability(torch.randn(2))", None),  # no argument expected
+}
+
+_CHILD = """
+import sys, torch
+from crossvit_kernels.backends import extension
+st = extension.status({kind!r})
+assert st.ops is not None, st.reason
+ops, dev = st.ops, {dev!r}
+try:
+{call}
+except Exception as exc:
+    print("RAISED", type(exc).__name__, str(exc).replace("\\n", " "))
+    sys.exit(0)
+print("RETURNED")
+"""
+
+
+def _bad_call_cases():
+    cases = [("cpu", "cpu", op) for op in sorted(BAD_CALLS)]
+    if CUDA_BUILT:  # without a GPU the dispatcher refuses CPU tensors before any kernel runs
+        cases += [("cuda", "cuda" if HAS_GPU else "cpu", op) for op in extension.OPS]
+    return cases
+
+
 @requires_cpp
-def test_bad_inputs_raise_with_a_useful_message():
-    ext = _cpu_ext()
+def test_every_operator_has_a_bad_call():
+    assert set(extension.OPS) <= set(_operators("crossvit_kernels_cpu"))
+    assert set(_operators("crossvit_kernels_cpu")) == set(BAD_CALLS), "a new operator needs a case in BAD_CALLS"
+    if CUDA_BUILT and extension.status("cuda").ops is not None:
+        assert set(_operators("crossvit_kernels_cuda")) == set(extension.OPS)
+
+
+@requires_cpp
+@pytest.mark.parametrize("kind,dev,op", _bad_call_cases())
+def test_a_bad_direct_call_raises_and_never_kills_the_process(kind, dev, op):
+    """Each operator, called with inputs that break its contract, raises a Python exception (naming
+    the broken condition where a kernel sees the call): the process never dies of a signal."""
+    call, needle = BAD_CALLS[op]
+    code = _CHILD.format(kind=kind, dev=dev, call="\n".join("    " + line for line in call.split("\n")))
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert proc.returncode >= 0, \
+        f"{kind}::{op} killed the process with signal {-proc.returncode}: {proc.stderr[-2000:]}"
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert proc.stdout.startswith("RAISED"), f"{kind}::{op} accepted bad input: {proc.stdout}"
+    if needle is not None and dev == kind:
+        assert "RuntimeError" in proc.stdout and needle in proc.stdout and "crossvit_kernels.ops" in proc.stdout, \
+            proc.stdout
+
+
+@requires_cpp
+def test_bad_inputs_raise_naming_the_broken_condition():
+    ops = _cpu_ops()
     x_cls, x_tokens, w, dz = _core_inputs(2, 5, 8, 2, torch.float32, "contiguous")
-    fwd = ext.cross_attention_core_forward(x_cls, x_tokens, w, 1e-6)
+    z, lse = ops.cross_attention_core_forward(x_cls, x_tokens, w, 1e-6)
+    img, wt, pos, cls = torch.randn(1, 3, 6, 6), torch.randn(4, 3, 3, 3), torch.randn(5, 4), torch.randn(4)
     cases = [
-        (lambda: ext.cross_attention_core_forward(x_cls[0], x_tokens, w, 1e-6), "x_cls must have shape"),
-        (lambda: ext.cross_attention_core_forward(x_cls, x_tokens[0], w, 1e-6), "x_tokens must have shape"),
-        (lambda: ext.cross_attention_core_forward(x_cls, x_tokens[:1], w, 1e-6), "x_tokens must have shape"),
-        (lambda: ext.cross_attention_core_forward(x_cls, x_tokens, w.double(), 1e-6), "w must be float32"),
-        (lambda: ext.cross_attention_core_forward(x_cls, x_tokens, w[:, :, :4], 1e-6), "w must have shape"),
-        (lambda: ext.cross_attention_core_forward(x_cls.double(), x_tokens.double(), w, 1e-6), "float64"),
-        (lambda: ext.cross_attention_core_forward(x_cls, x_tokens.bfloat16(), w, 1e-6), "dtype of x_cls"),
-        (lambda: ext.cross_attention_core_forward(x_cls.to("meta"), x_tokens, w, 1e-6), "CPU tensor"),
-        (lambda: ext.cross_attention_core_forward(x_cls, x_tokens, w, float("nan")), "eps"),
-        (lambda: ext.cross_attention_core_backward(x_cls, x_tokens, w, fwd[0], fwd[1], fwd[2][:, :3], fwd[3], dz),
-         "mean must have shape"),
-        (lambda: ext.cross_attention_core_backward(x_cls, x_tokens, w, *fwd, dz.half()), "dz must be float32"),
-        (lambda: ext.cross_attention_core_backward(x_cls, x_tokens, w, *fwd, dz[:1]), "dz must have shape"),
-        (lambda: ext.patch_embed_forward(torch.randn(1, 3, 10, 10), torch.randn(4, 3, 3, 3), None,
-                                         torch.randn(10, 4), torch.randn(4)), "must divide the image size"),
-        (lambda: ext.patch_embed_forward(torch.randn(1, 2, 6, 6), torch.randn(4, 3, 3, 3), None,
-                                         torch.randn(5, 4), torch.randn(4)), "input channels"),
-        (lambda: ext.patch_embed_forward(torch.randn(1, 3, 6, 6), torch.randn(4, 3, 3, 3), torch.randn(5),
-                                         torch.randn(5, 4), torch.randn(4)), "bias must have shape"),
-        (lambda: ext.patch_embed_forward(torch.randn(1, 3, 6, 6), torch.randn(4, 3, 3, 3), None,
-                                         torch.randn(4, 4), torch.randn(4)), "pos_embed must have shape"),
-        (lambda: ext.patch_embed_forward(torch.randn(1, 3, 6, 6), torch.randn(4, 3, 3, 3).double(), None,
-                                         torch.randn(5, 4), torch.randn(4)), "dtype of images"),
-        (lambda: ext.patch_embed_backward(torch.randn(1, 4, 4), torch.randn(1, 3, 6, 6), torch.randn(4, 3, 3, 3),
-                                          True, True), "grad_out must have shape"),
-        (lambda: ext.patch_embed_forward(torch.randn(1, 3, 6, 6).int(), torch.randn(4, 3, 3, 3).int(), None,
-                                         torch.randn(5, 4), torch.randn(4)), "images must be float32"),
+        (lambda: ops.cross_attention_core_forward(x_cls[0], x_tokens, w, 1e-6), "x_cls.dim() == 2"),
+        (lambda: ops.cross_attention_core_forward(x_cls, x_tokens[0], w, 1e-6), "x_tokens.dim() == 3"),
+        (lambda: ops.cross_attention_core_forward(x_cls, x_tokens[:1], w, 1e-6), "x_tokens.size(0) == B"),
+        (lambda: ops.cross_attention_core_forward(x_cls, x_tokens, w.double(), 1e-6), "w.scalar_type() == at::kFloat"),
+        (lambda: ops.cross_attention_core_forward(x_cls, x_tokens, w[:, :, :4], 1e-6), "w.size(2) == C"),
+        (lambda: ops.cross_attention_core_forward(x_cls.double(), x_tokens.double(), w, 1e-6), "is_half_or_single"),
+        (lambda: ops.cross_attention_core_forward(x_cls, x_tokens.bfloat16(), w, 1e-6),
+         "x_tokens.scalar_type() == x_cls.scalar_type()"),
+        (lambda: ops.cross_attention_core_backward(x_cls, x_tokens, w, z, lse[:, :1], dz, 1e-6),
+         "lse.sizes().equals({B, H})"),
+        (lambda: ops.cross_attention_core_backward(x_cls, x_tokens, w, z, lse, dz.half(), 1e-6),
+         "dz.scalar_type() == at::kFloat"),
+        (lambda: ops.cross_attention_core_backward(x_cls, x_tokens, w, z, lse, dz[:1], 1e-6),
+         "dz.sizes().equals({B, H, C})"),
+        (lambda: ops.patch_embed_forward(torch.randn(1, 3, 10, 10), wt, None, torch.randn(10, 4), cls),
+         "Hi % ph == 0"),
+        (lambda: ops.patch_embed_forward(torch.randn(1, 2, 6, 6), wt, None, pos, cls), "weight.size(1) == Cin"),
+        (lambda: ops.patch_embed_forward(img, wt, torch.randn(5), pos, cls), "bias.sizes().equals({C})"),
+        (lambda: ops.patch_embed_forward(img, wt, None, torch.randn(4, 4), cls), "pos_embed.sizes().equals"),
+        (lambda: ops.patch_embed_forward(img, wt.double(), None, pos, cls), "weight.scalar_type() == st"),
+        (lambda: ops.patch_embed_forward(img.int(), wt.int(), None, pos, cls), "st == at::kDouble"),
+        (lambda: ops.patch_embed_backward(torch.randn(1, 4, 4), img, wt, True, True),
+         "grad_out.sizes().equals({B, 1 + P, C})"),
     ]
     for fn, needle in cases:
-        with pytest.raises((RuntimeError, ValueError, TypeError)) as info:
+        with pytest.raises(RuntimeError) as info:
             fn()
         assert needle in str(info.value), f"expected {needle!r} in the message, got: {info.value}"
+        assert "crossvit_kernels.ops" in str(info.value)
+    # the dispatcher sends meta tensors to no kernel of this module: refused before any kernel runs
+    with pytest.raises(NotImplementedError):
+        ops.cross_attention_core_forward(x_cls.to("meta"), x_tokens.to("meta"), w.to("meta"), 1e-6)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -319,7 +404,7 @@ def test_bad_inputs_raise_with_a_useful_message():
 @pytest.fixture
 def fresh_registry(monkeypatch):
     """Fresh (and afterwards restored) load caches of the loader and the backend registry."""
-    monkeypatch.setattr(_ext, "_status", {})
+    monkeypatch.setattr(extension, "_status", {})
     monkeypatch.setattr(backends, "_loaded", {})
     monkeypatch.setattr(backends, "_load_errors", {})
     monkeypatch.setattr(backends, "_warned", set())
@@ -328,7 +413,7 @@ def fresh_registry(monkeypatch):
 
 def test_available_backends_reports_the_extension():
     avail = crossvit_kernels.available_backends()
-    if _CPU.module is not None:
+    if _CPU.ops is not None:
         assert avail["cpp"] is True
     else:
         assert "not built" in avail["cpp"]
@@ -337,14 +422,14 @@ def test_available_backends_reports_the_extension():
 
 
 def test_broken_extension_degrades_to_torch_with_one_warning(fresh_registry):
-    real_import = _ext._import
+    real_import = extension._import
 
     def broken(name):
-        if name == _ext.MODULES["cpu"]:
+        if name == extension.MODULES["cpu"]:
             raise OSError(f"{name}.so: undefined symbol: _ZN3c1015SmallVectorBaseIjE8grow_podEPKvmm")
         return real_import(name)
 
-    fresh_registry.setattr(_ext, "_import", broken)
+    fresh_registry.setattr(extension, "_import", broken)
     reason = crossvit_kernels.available_backends()["cpp"]
     assert isinstance(reason, str) and reason.startswith("failed to import") and "undefined symbol" in reason
     assert "rebuild" in reason
@@ -368,7 +453,7 @@ def test_missing_extension_is_unavailable_without_warning(fresh_registry):
         err.name = name
         raise err
 
-    fresh_registry.setattr(_ext, "_import", missing)
+    fresh_registry.setattr(extension, "_import", missing)
     reason = crossvit_kernels.available_backends()["cpp"]
     assert "not built" in reason and not reason.startswith("failed to import")
     inputs = cross_attention_inputs(1, 3, 8, 2, requires_grad=False)
@@ -377,9 +462,20 @@ def test_missing_extension_is_unavailable_without_warning(fresh_registry):
         run_cross_attention(inputs, "auto")
 
 
+@requires_cpp
+def test_stale_extension_without_the_operators_is_broken(fresh_registry):
+    """A module that imports but registers none of the operators (a build of an older source, which
+    Python may pick before the current one) is reported as broken, with what to do."""
+    fresh_registry.setitem(extension.NAMESPACES, "cpu", "crossvit_kernels_no_such_namespace")
+    reason = crossvit_kernels.available_backends()["cpp"]
+    assert reason.startswith("failed to import") and "cross_attention_core_forward" in reason and "rebuild" in reason
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        out = run_cross_attention(cross_attention_inputs(1, 3, 8, 2, requires_grad=False), "auto")[0]
+    assert out.shape == (1, 8)
+
+
 def test_extension_is_imported_lazily():
-    import subprocess
-    import sys
     code = ("import sys, crossvit_kernels; "
             "assert not [m for m in sys.modules if m.startswith('crossvit_kernels._C')], 'eager import'; "
             "print('ok')")
@@ -388,16 +484,15 @@ def test_extension_is_imported_lazily():
 
 
 def test_cuda_extension_loads_where_built():
-    """The CUDA module must at least import (no undefined symbols) where it was built, GPU or not."""
-    import importlib.util
-    if importlib.util.find_spec(_ext.MODULES["cuda"]) is None:
+    """The CUDA module must at least import (no undefined symbols) and register its operators where
+    it was built, GPU or not."""
+    if not CUDA_BUILT:
         pytest.skip("the CUDA part of the extension is not built here (no nvcc, a CPU-only torch, or "
                     "CROSSVIT_KERNELS_NO_CUDA=1)")
-    st = _ext._try_load("cuda")
-    assert st.module is not None, st.reason
-    for fn in ("cross_attention_core_forward", "cross_attention_core_backward", "patch_embed_forward",
-               "patch_embed_backward"):
-        assert hasattr(st.module, fn)
+    st = extension._try_load("cuda")
+    assert st.ops is not None, st.reason
+    for op in extension.OPS:
+        assert hasattr(st.ops, op)
 
 
 # ---------------------------------------------------------------------------------------------

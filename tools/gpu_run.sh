@@ -7,8 +7,6 @@
 # Steps, in order (GPU_RUN_STEPS, comma list; default install,machine,tests,sweep,e2e):
 #   install   pip install -e . (builds the compiled extension, CPU and CUDA; about 100 s with 16 cores)
 #   machine   nvidia-smi, versions, python -m crossvit_kernels.info -> machine.txt
-#   diag      only when named: benchmarks/diag_ext_exceptions.py (a C++ exception in the CPU
-#             extension that kills the process instead of raising; 2-4 minutes)
 #   tests     the GPU tests in parallel (pytest-xdist), each stopped after TEST_TIMEOUT_S; every
 #             failure lands in OUTDIR/test_failures.txt as it happens. GPU_TESTS=gpu (default:
 #             the tests marked gpu), files (the GPU-relevant test files in full, about 4 minutes)
@@ -57,8 +55,7 @@
 # PYTEST_WORKERS (8), TEST_TIMEOUT_S (150), PYTEST_ARGS, SWEEP_ARGS, E2E_MODELS, E2E_BATCH,
 # E2E_CONFIGS, E2E_COMPILE (1), E2E_ITERS (warm-up:timed rounds, 3:10), INSTALL_LIMIT_S (240),
 # TESTS_LIMIT_S (150), SWEEP_LIMIT_S (200), E2E_LIMIT_S (150) and E2E_COMPILE_LIMIT_S (300) per CLI
-# call, DIAG_LIMIT_S (240),
-# PROFILE_LIMIT_S (120), MAX_JOBS (16), CROSSVIT_KERNELS_NO_EXT=1 / CROSSVIT_KERNELS_NO_CUDA=1
+# call, PROFILE_LIMIT_S (120), MAX_JOBS (16), CROSSVIT_KERNELS_NO_EXT=1 / CROSSVIT_KERNELS_NO_CUDA=1
 # (build less).
 set -u -o pipefail
 
@@ -189,15 +186,6 @@ if want machine; then
     export -f machine
     step machine 60 bash -c machine
     cp "$WORK/machine.log" "$WORK/machine.txt" 2>/dev/null
-fi
-
-# -- diag (only when named) ---------------------------------------------------------------------
-if want diag; then
-    DIAG_LIMIT=${DIAG_LIMIT_S:-240}
-    # the kit stops starting work 45 s before its limit, so that its report ends with the summary
-    step diag "$DIAG_LIMIT" "$PY" benchmarks/diag_ext_exceptions.py --out "$WORK/ext_exception_diag.txt" \
-        --budget-s $(( DIAG_LIMIT > 90 ? DIAG_LIMIT - 45 : DIAG_LIMIT / 2 ))
-    pack
 fi
 
 # -- tests ---------------------------------------------------------------------------------------

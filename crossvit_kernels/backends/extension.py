@@ -3,9 +3,13 @@
 Two extension modules may be built by setup.py (csrc/):
 
 * ``crossvit_kernels._C_cpu``  -- C++ CPU kernels (backend ``"cpp"``: OpenMP, vectorised, results
-  independent of the thread count)
+  independent of the thread count), operators ``torch.ops.crossvit_kernels_cpu.*``
 * ``crossvit_kernels._C_cuda`` -- CUDA kernels (backend ``"cuda"``: the fallback for CUDA tensors
-  where Triton is missing)
+  where Triton is missing), operators ``torch.ops.crossvit_kernels_cuda.*``
+
+Each module is an empty Python module whose library registers its kernels as torch operators
+(:data:`OPS`, with the signatures of the core and patch-embedding contracts of ``base.py``).
+Errors raised in a kernel reach Python through torch's dispatcher as ``RuntimeError``.
 
 This module is the only importer of either. Nothing is imported when it is imported; each
 extension is imported the first time its backend is asked for, once, under a lock. A failure is
@@ -13,8 +17,9 @@ remembered with its reason and never raised from here:
 
 * not built (the module does not exist): a normal state, e.g. a pure-Python install;
 * broken (ImportError or OSError while loading, e.g. ``undefined symbol`` after a torch upgrade, a
-  missing CUDA library): the backend's ``unavailable_reason`` raises ImportError, so that the
-  registry reports "failed to import", warns once and falls back.
+  missing CUDA library; or a module that does not register :data:`OPS`, a build of another
+  source): the backend's ``unavailable_reason`` raises ImportError, so that the registry reports
+  "failed to import", warns once and falls back.
 
 Both implement the cores; the whole op around them is the inherited absorbed formulation.
 Dtypes: float32, bfloat16 and float16 (float32 accumulation); float64 for patch_embed only.
@@ -32,13 +37,18 @@ from .base import FLOAT_DTYPES, HALF_AND_SINGLE, Backend
 __all__ = ["CppBackend", "CudaBackend", "Status", "status"]
 
 MODULES = {"cpu": "crossvit_kernels._C_cpu", "cuda": "crossvit_kernels._C_cuda"}
+#: the torch.ops namespace of each module's operators
+NAMESPACES = {"cpu": "crossvit_kernels_cpu", "cuda": "crossvit_kernels_cuda"}
+#: the operators each module registers, the backend's methods of the same names
+OPS = ("cross_attention_core_forward", "cross_attention_core_backward", "patch_embed_forward",
+       "patch_embed_backward")
 
 _REBUILD = ("rebuild it with `pip install --no-build-isolation -e .` against the installed torch, "
             "or pick another backend (backend='torch')")
 
 
 class Status(NamedTuple):
-    module: Optional[object]   # the extension module, or None
+    ops: Optional[object]      # the module's torch.ops namespace, or None
     reason: Optional[str]      # why it is unavailable, or None
     broken: bool               # True when it exists but failed to load
 
@@ -66,7 +76,13 @@ def _try_load(kind: str) -> Status:
     except (ImportError, OSError) as exc:
         return Status(None, f"the compiled extension {name} cannot be loaded "
                             f"({type(exc).__name__}: {exc}); {_REBUILD}", True)
-    return Status(module, None, False)
+    ops = getattr(torch.ops, NAMESPACES[kind])
+    missing = [op for op in OPS if not hasattr(ops, op)]
+    if missing:
+        return Status(None, f"the compiled extension {name} ({getattr(module, '__file__', '?')}) does not register "
+                            f"the operator {ops.name}::{missing[0]}: it was built from another version of "
+                            f"crossvit-kernels; {_REBUILD}", True)
+    return Status(ops, None, False)
 
 
 def status(kind: str) -> Status:
@@ -92,29 +108,21 @@ class _ExtensionBackend(Backend):
         st = status(self.kind)
         if st.broken:  # built but not loadable: the registry reports "failed to import" and warns once
             raise ImportError(st.reason)
-        if st.module is not None:
-            self._ext = st.module
+        if st.ops is not None:
+            self._ops = st.ops
         return st.reason
 
     def cross_attention_core_forward(self, x_cls, x_tokens, w, eps):
-        z, lse, _, _ = self._ext.cross_attention_core_forward(x_cls, x_tokens, w, float(eps))
-        return z, lse
+        return self._ops.cross_attention_core_forward(x_cls, x_tokens, w, eps)
 
     def cross_attention_core_backward(self, x_cls, x_tokens, w, z, lse, dz, eps):
-        mean, rstd = _token_stats(x_cls, x_tokens, eps)
-        return self._ext.cross_attention_core_backward(x_cls, x_tokens, w, z, lse, mean, rstd, dz)
+        return self._ops.cross_attention_core_backward(x_cls, x_tokens, w, z, lse, dz, eps)
 
     def patch_embed_forward(self, images, weight, bias, pos_embed, cls_token):
-        return self._ext.patch_embed_forward(images, weight, bias, pos_embed, cls_token)
+        return self._ops.patch_embed_forward(images, weight, bias, pos_embed, cls_token)
 
     def patch_embed_backward(self, grad_out, images, weight, has_bias, needs_images_grad):
-        return self._ext.patch_embed_backward(grad_out, images, weight, bool(has_bias), bool(needs_images_grad))
-
-
-def _token_stats(x_cls, x_tokens, eps):
-    x = torch.cat([x_cls.unsqueeze(1), x_tokens], 1).float()
-    var, mean = torch.var_mean(x, dim=-1, correction=0)
-    return mean, torch.rsqrt(var + eps)
+        return self._ops.patch_embed_backward(grad_out, images, weight, has_bias, needs_images_grad)
 
 
 class CppBackend(_ExtensionBackend):
