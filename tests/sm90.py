@@ -13,7 +13,8 @@ import triton
 from crossvit_kernels.backends.triton import cross_attention as K
 from crossvit_kernels.backends.triton import projections as P
 
-_TRITON_TYPES = {"float16": "fp16", "bfloat16": "bf16", "float32": "fp32", "float64": "fp64"}
+_TRITON_TYPES = {"float16": "fp16", "bfloat16": "bf16", "float32": "fp32", "float64": "fp64", "int32": "i32",
+                 "int64": "i64"}
 
 
 def _ptxas_usage(ptx: str, arch: int) -> dict:
@@ -169,3 +170,78 @@ def compile_projection_kernel(which: str, dtype: str, C: int, H: int, arch: int 
                               target=GPUTarget("cuda", arch, 32), options=dict(num_warps=4, num_stages=1))
     return dict(which=which, dtype=dtype, C=C, H=H, shared=int(compiled.metadata.shared),
                 cubin_bytes=len(compiled.asm["cubin"]))
+
+
+# ---------------------------------------------------------------------------------------------
+# any launch, compiled as the JIT would compile it, captured from a real launcher call
+# ---------------------------------------------------------------------------------------------
+
+class CapturedLaunch:
+    def __init__(self, fn, grid, args, kwargs):
+        self.fn, self.grid, self.args, self.kwargs = fn, grid, args, kwargs
+
+    @property
+    def name(self) -> str:
+        return self.fn.__name__
+
+
+def capture_launches(call, *args, **kwargs):
+    """Run ``call(*args, **kwargs)`` with every Triton launch recorded instead of run (the kernels
+    never execute: outputs stay uninitialised) -> (call's result, [CapturedLaunch]). Needs
+    TRITON_INTERPRET unset; the tensors may live on the CPU."""
+    from triton.runtime.jit import JITFunction
+
+    launches = []
+    original = JITFunction.run
+
+    def record(self, *a, grid, warmup, **kw):
+        launches.append(CapturedLaunch(self, grid, a, kw))
+
+    JITFunction.run = record
+    try:
+        result = call(*args, **kwargs)
+    finally:
+        JITFunction.run = original
+    return result, launches
+
+
+_LAUNCH_OPTIONS = ("num_warps", "num_stages", "num_ctas", "maxnreg")
+
+
+def compile_launch(launch: CapturedLaunch, arch: int = 90) -> dict:
+    """Compile a captured launch for NVIDIA sm_``arch`` with the specialisation the JIT applies at
+    launch: pointers and integers divisible by 16 marked so, integers equal to 1 made constants,
+    ints wider than 32 bits as i64. Returns _compile's report plus the kernel name and grid."""
+    fn = launch.fn
+    names = fn.arg_names
+    params = {p.name: p for p in fn.params}
+    values = dict(zip(names, launch.args))
+    options = {k: launch.kwargs[k] for k in _LAUNCH_OPTIONS if k in launch.kwargs}
+    values.update({k: v for k, v in launch.kwargs.items() if k not in _LAUNCH_OPTIONS})
+    types, consts, aligned = {}, {}, set()
+    for n in names:
+        v = values[n]
+        if params[n].is_constexpr:
+            consts[n] = v
+        elif isinstance(v, torch.Tensor):
+            types[n] = "*" + _TRITON_TYPES[str(v.dtype).replace("torch.", "")]
+            if v.data_ptr() % 16 == 0:
+                aligned.add(n)
+        elif isinstance(v, bool):
+            types[n] = "i1"
+        elif isinstance(v, int):
+            if v == 1 and not params[n].do_not_specialize:
+                consts[n] = 1
+            else:
+                types[n] = "i32" if -2 ** 31 <= v < 2 ** 31 else "i64"
+                if v % 16 == 0:
+                    aligned.add(n)
+        elif isinstance(v, float):
+            types[n] = "fp32"
+        else:
+            raise TypeError(f"{fn.__name__}: cannot type argument {n}={v!r}")
+    out = _compile(fn, types, consts, aligned, options.get("num_warps", 4), options.get("num_stages", 3), arch)
+    grid = launch.grid(dict(values)) if callable(launch.grid) else launch.grid
+    out.update(kernel=fn.__name__, grid=list(grid))
+    out["ctas_per_sm"] = occupancy(out)
+    return out

@@ -7,7 +7,9 @@ so nothing imports it until an op asks for the ``triton`` backend.
 The backend implements the whole cross-attention forward (``projections.py``: its projections as
 three kernels around the one-pass core of ``cross_attention.py``) for float16, bfloat16 and
 float32, and the core's backward; float64 and the backward's projections use the inherited
-absorbed formulation around the core. ``patch_embed.py`` holds the patch embedding.
+absorbed formulation around the core. ``fusion.py`` runs a multi-scale block's whole
+cross-attention fusion stage (both directions) in three launches forward and three backward.
+``patch_embed.py`` holds the patch embedding.
 """
 from __future__ import annotations
 
@@ -81,11 +83,13 @@ if _interpreting():
 class TritonBackend(Backend):
     name = "triton"
     devices = ("cuda", "cpu")
-    dtypes = {"cross_attention": FLOAT_DTYPES, "patch_embed": FLOAT_DTYPES}
+    dtypes = {"cross_attention": FLOAT_DTYPES, "patch_embed": FLOAT_DTYPES, "fusion_stage": HALF_AND_SINGLE}
+    why_not = {"fusion_stage": "float64 runs the fusion per piece"}
 
     def __init__(self):
-        from . import cross_attention, patch_embed, projections  # imports Triton: fails here if it is broken
-        self._core, self._patch, self._proj = cross_attention, patch_embed, projections
+        # imports Triton: fails here if it is broken
+        from . import cross_attention, fusion, patch_embed, projections
+        self._core, self._patch, self._proj, self._fusion = cross_attention, patch_embed, projections, fusion
 
     def unavailable_reason(self) -> Optional[str]:
         if not torch.cuda.is_available() and not _interpreting():
@@ -110,6 +114,12 @@ class TritonBackend(Backend):
 
     def cross_attention_core_backward(self, x_cls, x_tokens, w, z, lse, dz, eps):
         return self._core.cross_attention_core_backward(x_cls, x_tokens, w, z, lse, dz, eps)
+
+    def fusion_stage_forward(self, x0, x1, params, heads, eps):
+        return self._fusion.fusion_stage_forward(x0, x1, params, heads, eps)
+
+    def fusion_stage_backward(self, dout0, dout1, x0, x1, params, saved, heads, eps):
+        return self._fusion.fusion_stage_backward(dout0, dout1, x0, x1, params, saved, heads, eps)
 
     def patch_embed_forward(self, images, weight, bias, pos_embed, cls_token):
         return self._patch.patch_embed_forward(images, weight, bias, pos_embed, cls_token)

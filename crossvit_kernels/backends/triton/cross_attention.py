@@ -496,8 +496,8 @@ class StreamConfig(NamedTuple):
 #: 3.6 and 3.8 (tests/test_triton_budgets.py checks them): no spills and two or more programs
 #: resident per SM. The score product (K = C) is an mma.sync whose A operand, the tile, spans all
 #: of K in each warp's registers: that, not the tile's size, caps BLOCK_N at wide C (a 32-token
-#: tile spills at C_PAD 512; 64 tokens at C_PAD 256 leave one program per SM, or spill).
-_HALF_BLOCK_N = {"fwd": {16: 64, 32: 64, 64: 64, 128: 64, 256: 32, 512: 16, 1024: 16},
+#: tile spills at C_PAD 512 and the backward at C_PAD 256).
+_HALF_BLOCK_N = {"fwd": {16: 64, 32: 64, 64: 64, 128: 64, 256: 64, 512: 16, 1024: 16},
                  "bwd": {16: 32, 32: 32, 64: 32, 128: 32, 256: 32, 512: 16, 1024: 16}}
 
 
@@ -676,10 +676,12 @@ def _fwd_problem_args(p: FwdProblem, S: int, tps: int, acc: torch.dtype):
     return args, (z, lse, part)
 
 
-def stream_forward(problems: Sequence[FwdProblem], num_splits: Optional[int] = None,
-                   copy: bool = False) -> List[Tuple[Tensor, Tensor]]:
-    """One launch of the streaming forward over one or two problems (plus, with several splits, a
-    combine launch per split problem): [(z, lse)] per problem, in the accumulation dtype."""
+def stream_forward_launch(problems: Sequence[FwdProblem], num_splits: Optional[int] = None,
+                          copy: bool = False):
+    """One launch of the streaming forward over one or two problems: (plan, [(z, lse, partials)]
+    per problem). With one split z and lse are final; with several the partials (partial z,
+    running max, sum) wait for a combine (the core contract's combine kernel, or the fusion
+    stage's epilogue), and z, lse are allocated for it."""
     dtype = problems[0].tokens.dtype
     acc = _acc_dtype(dtype)
     device = problems[0].q0.device
@@ -704,7 +706,15 @@ def stream_forward(problems: Sequence[FwdProblem], num_splits: Optional[int] = N
         _stream_fwd_kernel[(plan.programs,)](
             G0, *argsets[0], *argsets[-1], **meta, TWO=two, COPY=copy, MMA=_TL_TYPES[mma_dtype(dtype)],
             PREC=_precision(dtype), HILO=hilo(dtype), num_warps=cfg.num_warps, num_stages=cfg.num_stages)
-        results = []
+    return plan, outs
+
+
+def stream_forward(problems: Sequence[FwdProblem], num_splits: Optional[int] = None,
+                   copy: bool = False) -> List[Tuple[Tensor, Tensor]]:
+    """The streaming forward with its combine launches: [(z, lse)] per problem."""
+    plan, outs = stream_forward_launch(problems, num_splits, copy)
+    results = []
+    with _device_guard(problems[0].q0):
         for p, S, (z, lse, part) in zip(problems, plan.splits, outs):
             if S > 1:
                 B, M, C = p.tokens.shape
@@ -731,6 +741,37 @@ def cross_attention_core_forward(x_cls: Tensor, x_tokens: Tensor, w: Tensor, eps
     return z, lse
 
 
+class BwdProblem(NamedTuple):
+    """Arguments of one backward problem (see _stream_bwd_body)."""
+    tokens: Tensor       # (B, M, C) view
+    q0: Tensor           # (B, C)
+    w: Tensor            # (B, H, C) contiguous
+    dz: Tensor           # (B, H, C) contiguous
+    z: Tensor            # (B, H, C) contiguous, ACC
+    lse: Tensor          # (B, H) contiguous, ACC
+    dout: Optional[Tensor]   # (B, M, C) added to the token gradients (ADD_DOUT), or None
+    dx: Tensor           # (B, M, C) the token gradients' destination (any strides)
+    dq0: Tensor          # (B, C) token 0's gradient, unit column stride
+    eps: float
+    block_n: int
+
+
+def bwd_problem_args(p: BwdProblem, S: int, tps: int) -> Tuple[list, Tensor, Tensor]:
+    """(runtime args of _stream_bwd_body after (pid, eps) -- with eps at the kernel's place --,
+    dw (B, H, C), the buffer the kernel writes dw or its partials (B, S, H, C) to)."""
+    B, M, C = p.tokens.shape
+    H = p.w.shape[1]
+    acc = p.z.dtype
+    dw = _empty((B, H, C), acc, p.q0.device)
+    part = _empty((B, S, H, C), acc, p.q0.device) if S > 1 else dw
+    tok, ts = _token_args(p.tokens, p.q0)
+    do, dos = (p.dout, tuple(p.dout.stride())) if p.dout is not None and M > 0 else (tok, ts)
+    dx, dxs = (p.dx, tuple(p.dx.stride())) if M > 0 else (p.dq0, (0, 0, 0))
+    args = [tok, *ts, M, C, H, S, tps, float(p.eps), p.q0, p.q0.stride(0), p.q0.stride(1), p.w, p.dz, p.z, p.lse,
+            do, *dos, dx, *dxs, p.dq0, p.dq0.stride(0), part]
+    return args, dw, part
+
+
 def cross_attention_core_backward(x_cls: Tensor, x_tokens: Tensor, w: Tensor, z: Tensor, lse: Tensor,
                                   dz: Tensor, eps: float, *, num_splits: Optional[int] = None,
                                   block_n: Optional[int] = None):
@@ -740,22 +781,16 @@ def cross_attention_core_backward(x_cls: Tensor, x_tokens: Tensor, w: Tensor, z:
     M, H = x_tokens.shape[1], w.shape[1]
     dtype, device = x_tokens.dtype, x_cls.device
     acc = _acc_dtype(dtype)
-    z, lse = z.to(acc).contiguous(), lse.to(acc).contiguous()
     cfg = stream_config("bwd", C, dtype, block_n)
-    bn = cfg.block_n
-    plan = launch_plan([Problem(B, M, C, bn, x_tokens.element_size())], device, num_splits)
+    plan = launch_plan([Problem(B, M, C, cfg.block_n, x_tokens.element_size())], device, num_splits)
     S, tps = plan.splits[0], plan.tokens_per_split[0]
     dx_cls = _empty((B, C), x_cls.dtype, device)
     dx_tokens = _empty((B, M, C), dtype, device)
-    dw = _empty((B, H, C), acc, device)
-    part_dw = _empty((B, S, H, C), acc, device) if S > 1 else dw
-    tok, ts = _token_args(x_tokens, x_cls)
-    dxt, dxs = (dx_tokens, tuple(dx_tokens.stride())) if M > 0 else (dx_cls, (0, 0, 0))
-    args = [tok, *ts, M, C, H, S, tps, float(eps), x_cls, x_cls.stride(0), x_cls.stride(1), w.contiguous(),
-            dz.contiguous(), z, lse, tok, *ts, dxt, *dxs, dx_cls, dx_cls.stride(0), part_dw]
-    meta = dict(BLOCK_N0=bn, C_PAD0=_pad(C), H_PAD0=_pad_heads(H), SPLIT0=S > 1,
-                C_CHUNK0=cfg.c_chunk, BLOCK_N1=bn, C_PAD1=_pad(C), H_PAD1=_pad_heads(H), SPLIT1=S > 1,
-                C_CHUNK1=cfg.c_chunk)
+    prob = BwdProblem(x_tokens, x_cls, w.contiguous(), dz.contiguous(), z.to(acc).contiguous(),
+                      lse.to(acc).contiguous(), None, dx_tokens, dx_cls, eps, cfg.block_n)
+    args, dw, part_dw = bwd_problem_args(prob, S, tps)
+    meta = dict(BLOCK_N0=cfg.block_n, C_PAD0=_pad(C), H_PAD0=_pad_heads(H), SPLIT0=S > 1, C_CHUNK0=cfg.c_chunk,
+                BLOCK_N1=cfg.block_n, C_PAD1=_pad(C), H_PAD1=_pad_heads(H), SPLIT1=S > 1, C_CHUNK1=cfg.c_chunk)
     with _device_guard(x_cls):
         _stream_bwd_kernel[(plan.programs,)](
             B * S, *args, *args, **meta, TWO=False, ADD_DOUT=False, MMA=_TL_TYPES[mma_dtype(dtype)],
