@@ -17,6 +17,20 @@ _TRITON_TYPES = {"float16": "fp16", "bfloat16": "bf16", "float32": "fp32", "floa
                  "int64": "i64"}
 
 
+def _triton_ptxas_flags() -> list:
+    """The register-allocation flags the installed Triton passes to ptxas when it builds a kernel
+    (line info always; Triton 3.8 adds --regAllocOptLevel=2), so the report is the build's."""
+    import inspect
+    flags = ["-lineinfo"]
+    try:
+        from triton.backends.nvidia import compiler
+        if "regAllocOptLevel=2" in inspect.getsource(compiler):
+            flags.append("--regAllocOptLevel=2")
+    except (ImportError, OSError, TypeError):  # pragma: no cover - an unusual install
+        pass
+    return flags
+
+
 def _ptxas_usage(ptx: str, arch: int) -> dict:
     """Registers per thread and spill bytes of ``ptx`` as the ptxas bundled with Triton reports
     them (-v): the numbers the GPU build would have, read without a GPU. Kept in Triton's cache
@@ -35,8 +49,9 @@ def _ptxas_usage(ptx: str, arch: int) -> dict:
     except ImportError:  # a Triton without these helpers: its bundled binary, by the usual path
         ptxas = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "ptxas")
         gpu_name = f"sm_{arch}a" if arch >= 90 else f"sm_{arch}"
+    flags = _triton_ptxas_flags()
     stat = os.stat(ptxas)
-    key = f"{ptxas}:{stat.st_size}:{stat.st_mtime_ns}:{gpu_name}\n{ptx}"
+    key = f"{ptxas}:{stat.st_size}:{stat.st_mtime_ns}:{gpu_name}:{flags}\n{ptx}"
     cache = get_cache_manager(hashlib.sha256(key.encode()).hexdigest())
     cached = cache.get_file("ptxas_usage.json")
     if cached is not None:
@@ -46,7 +61,8 @@ def _ptxas_usage(ptx: str, arch: int) -> dict:
         src = os.path.join(tmp, "kernel.ptx")
         with open(src, "w") as f:
             f.write(ptx)
-        proc = subprocess.run([ptxas, "-v", f"--gpu-name={gpu_name}", src, "-o", os.path.join(tmp, "kernel.cubin")],
+        cubin = os.path.join(tmp, "kernel.cubin")
+        proc = subprocess.run([ptxas, *flags, "-v", f"--gpu-name={gpu_name}", src, "-o", cubin],
                               capture_output=True, text=True)
     log = proc.stdout + proc.stderr
     regs = re.search(r"Used (\d+) registers", log)

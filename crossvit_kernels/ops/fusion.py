@@ -199,6 +199,8 @@ def _(dout0, dout1, x0, x1, params, saved, layout, eps, backend):
 def _setup_context(ctx, inputs, output):
     x0, x1, params, layout, eps, backend = inputs
     saved = list(output[2:])
+    ctx.mark_non_differentiable(*saved)     # what the backward needs, not outputs to train through
+    ctx.set_materialize_grads(False)        # no zero gradients materialised for them
     ctx.save_for_backward(x0, x1, *params, *saved)
     ctx.n_params = len(params)
     ctx.layout, ctx.eps, ctx.backend = list(layout), list(eps), backend
@@ -249,8 +251,6 @@ class FusionStageFunction(torch.autograd.Function):
     def setup_context(ctx, inputs, output):
         x0, x1, layout, eps, backend = inputs[:5]
         _setup_context(ctx, (x0, x1, list(inputs[5:]), layout, eps, backend), output)
-        ctx.mark_non_differentiable(*output[2:])
-        ctx.set_materialize_grads(False)
 
     @staticmethod
     @torch.autograd.function.once_differentiable

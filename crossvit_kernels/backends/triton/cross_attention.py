@@ -46,6 +46,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import itertools
 import os
 from typing import List, NamedTuple, Optional, Sequence, Tuple
 
@@ -527,12 +528,14 @@ def _sm_count(index: int) -> int:
 
 
 class Problem(NamedTuple):
-    """One row of the problem table: B rows of M patch tokens of width C, tiled by block_n."""
+    """One row of the problem table: B rows of M patch tokens of width C (elem bytes each),
+    tiled by block_n, H heads."""
     B: int
     M: int
     C: int
     block_n: int
     elem: int = 2
+    H: int = 8
 
 
 class Plan(NamedTuple):
@@ -541,51 +544,67 @@ class Plan(NamedTuple):
     programs: int                        # total programs of the launch
 
 
-#: A program also moves its row's O(H * C) operands and outputs (w, z, the statistics): the
-#: planner counts them as this many extra tokens' worth of bytes per program.
-SPLIT_OVERHEAD_TOKENS = 16
+def _program_overhead(p: Problem, split: bool) -> int:
+    """Bytes a program moves besides its tokens: its row's absorbed query w (and dz) read and its
+    float32 z (dw) written, H * C * 4 each, plus with splits the partial read back by the combine."""
+    return (3 if split else 2) * p.H * p.C * 4
+
+
+def _split(p: Problem, S: int) -> Tuple[int, int]:
+    """(S, tokens per split) for about S splits of p: tile-aligned, every split non-empty."""
+    if p.M == 0:
+        return 1, p.block_n
+    S = max(1, min(S, triton.cdiv(p.M, p.block_n)))
+    tps = triton.cdiv(triton.cdiv(p.M, S), p.block_n) * p.block_n
+    return triton.cdiv(p.M, tps), tps
+
+
+@functools.lru_cache(maxsize=4096)
+def _split_options(p: Problem) -> Tuple[Tuple[int, int], ...]:
+    """Every distinct (S, tokens per split) of p up to MAX_SPLITS splits."""
+    seen = {}
+    for S in range(1, MAX_SPLITS + 1):
+        S_, tps = _split(p, S)
+        seen[tps] = (S_, tps)
+    return tuple(sorted(seen.values()))
+
+
+@functools.lru_cache(maxsize=4096)
+def _plan(problems: Tuple[Problem, ...], sm_count: int, ctas: int) -> Plan:
+    slots = max(1, sm_count * ctas)
+    best = None
+    options = [_split_options(p) for p in problems]
+    for combo in itertools.product(*options):
+        programs = sum(p.B * S for p, (S, _) in zip(problems, combo))
+        work = [min(tps, max(p.M, 1)) * p.C * p.elem for p, (_, tps) in zip(problems, combo)]
+        biggest = max(w + _program_overhead(p, S > 1) for w, p, (S, _) in zip(work, problems, combo))
+        # waves of the largest program; then the most even programs; then the fewest
+        key = (triton.cdiv(programs, slots) * biggest, max(work) / min(work), programs)
+        if best is None or key < best[0]:
+            best = (key, combo, programs)
+    _, combo, programs = best
+    return Plan(tuple(S for S, _ in combo), tuple(t for _, t in combo), programs)
 
 
 def plan_splits(problems: Sequence[Problem], sm_count: int, ctas: int = 2,
                 num_splits: Optional[int] = None) -> Plan:
     """Token splits for a launch of one or two problems.
 
-    Every split is non-empty and tile-aligned; the splits of all problems carry about the same
-    bytes (one target per launch), so programs are balanced across problems; and the number of
-    programs is chosen to minimise the modelled time, ceil(programs / slots) waves of the largest
-    program's bytes (plus a fixed per-program overhead), where slots = sm_count * ctas. A forced
-    ``num_splits`` applies to every problem (clipped so no split is empty).
+    Every split is non-empty and tile-aligned. Among every combination of split counts (up to
+    MAX_SPLITS per problem) the planner takes the one with the smallest modelled time, ceil(programs
+    / slots) waves of the largest program's bytes (plus a fixed per-program overhead), slots =
+    sm_count * ctas resident programs, each program's bytes counting its row's O(H * C) operands and
+    partials (``_program_overhead``); ties go to the most even programs across the problems, then
+    to the fewest programs. A forced ``num_splits`` applies to every
+    problem (clipped so that no split is empty).
     """
-    def split(p: Problem, S: int) -> Tuple[int, int]:
-        if p.M == 0:
-            return 1, p.block_n
-        S = max(1, min(S, triton.cdiv(p.M, p.block_n)))
-        tps = triton.cdiv(triton.cdiv(p.M, S), p.block_n) * p.block_n
-        return triton.cdiv(p.M, tps), tps
-
     if num_splits is not None:
         if num_splits < 1:
             raise ValueError(f"num_splits must be >= 1, got {num_splits}")
-        parts = [split(p, num_splits) for p in problems]
-        return Plan(tuple(s for s, _ in parts), tuple(t for _, t in parts), sum(p.B * s for p, (s, _) in
-                                                                                  zip(problems, parts)))
-    slots = max(1, sm_count * ctas)
-    work = [p.M * p.C * p.elem for p in problems]
-    total = sum(p.B * w for p, w in zip(problems, work))
-    best = None
-    # candidate targets: one program per row, and 1..8 full waves of programs
-    targets = sorted({sum(p.B for p in problems)} | {k * slots for k in range(1, 9)})
-    for target in targets:
-        per_prog = max(1.0, total / target)
-        parts = [split(p, min(MAX_SPLITS, max(1, round(w / per_prog)))) for p, w in zip(problems, work)]
-        programs = sum(p.B * s for p, (s, _) in zip(problems, parts))
-        biggest = max((min(t, p.M) + SPLIT_OVERHEAD_TOKENS) * p.C * p.elem for p, (_, t) in zip(problems, parts))
-        cost = triton.cdiv(programs, slots) * biggest
-        key = (cost, programs)
-        if best is None or key < best[0]:
-            best = (key, parts, programs)
-    _, parts, programs = best
-    return Plan(tuple(s for s, _ in parts), tuple(t for _, t in parts), programs)
+        parts = [_split(p, num_splits) for p in problems]
+        return Plan(tuple(S for S, _ in parts), tuple(t for _, t in parts),
+                    sum(p.B * S for p, (S, _) in zip(problems, parts)))
+    return _plan(tuple(problems), sm_count, ctas)
 
 
 def _forced_splits(num_splits: Optional[int]) -> Optional[int]:
@@ -686,7 +705,7 @@ def stream_forward_launch(problems: Sequence[FwdProblem], num_splits: Optional[i
     acc = _acc_dtype(dtype)
     device = problems[0].q0.device
     plan = launch_plan([Problem(p.tokens.shape[0], p.tokens.shape[1], p.tokens.shape[2], p.block_n,
-                                p.tokens.element_size()) for p in problems], device, num_splits)
+                                p.tokens.element_size(), p.w.shape[1]) for p in problems], device, num_splits)
     argsets, outs = [], []
     for p, S, tps in zip(problems, plan.splits, plan.tokens_per_split):
         a, o = _fwd_problem_args(p, S, tps, acc)
@@ -782,7 +801,7 @@ def cross_attention_core_backward(x_cls: Tensor, x_tokens: Tensor, w: Tensor, z:
     dtype, device = x_tokens.dtype, x_cls.device
     acc = _acc_dtype(dtype)
     cfg = stream_config("bwd", C, dtype, block_n)
-    plan = launch_plan([Problem(B, M, C, cfg.block_n, x_tokens.element_size())], device, num_splits)
+    plan = launch_plan([Problem(B, M, C, cfg.block_n, x_tokens.element_size(), H)], device, num_splits)
     S, tps = plan.splits[0], plan.tokens_per_split[0]
     dx_cls = _empty((B, C), x_cls.dtype, device)
     dx_tokens = _empty((B, M, C), dtype, device)

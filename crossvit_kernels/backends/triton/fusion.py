@@ -60,6 +60,9 @@ __all__ = ["fusion_stage_forward", "fusion_stage_backward", "PARAMS_PER_DIRECTIO
 PARAMS_PER_DIRECTION, OPTIONAL_PARAMS, SAVED_PER_DIRECTION = FUSION_PARAMS, FUSION_OPTIONAL, FUSION_SAVED
 
 ROWS = 16             # rows per row program (the tensor cores' smallest M)
+#: warps of the row kernels, by kernel: ptxas (sm_90, Triton 3.6 and 3.8) keeps the epilogue at 72-80
+#: registers and spills at four warps, and the prologue at 64 and spills at eight; these spill nothing
+ROW_WARPS = dict(prologue=4, epilogue=8, rows_a=8, rows_c=8)
 TILE_SIZE = 64        # parameter-gradient tiles (TILE x TILE outputs per tile program)
 # the same as the kernels' (global) constants
 BLOCK_B = tl.constexpr(ROWS)
@@ -826,7 +829,7 @@ def fusion_stage_forward(x0: Tensor, x1: Tensor, params: Sequence[Optional[Tenso
         problems.append(K.FwdProblem(dr.xj[:, 1:], saved[d]["qx"], saved[d]["w"], out[1 - d][:, 1:], dr.eps_n,
                                      cfg.block_n))
     with K._device_guard(x0):
-        _fs_prologue_kernel[(2 * rb,)](rb, B, *pro_args, **pro_meta, num_warps=4, num_stages=1)
+        _fs_prologue_kernel[(2 * rb,)](rb, B, *pro_args, **pro_meta, num_warps=ROW_WARPS["prologue"], num_stages=1)
         plan, parts = K.stream_forward_launch(problems, num_splits, copy=True)
         epi_args = []
         epi_meta = dict(mma)
@@ -843,7 +846,7 @@ def fusion_stage_forward(x0: Tensor, x1: Tensor, params: Sequence[Optional[Tenso
                          p["g_ln_w"], p["g_ln_b"], p["g_w"], p["g_b"], o, c, out[d], out[d].stride(0), out[d].stride(2)]
             epi_meta.update({f"HAS_BV{d}": p["bv"] is not None, f"SPLIT{d}": S > 1,
                              f"S_PAD{d}": triton.next_power_of_2(S), f"D_PAD{d}": _pad16(Cj // dr.H)})
-        _fs_epilogue_kernel[(2 * rb,)](rb, B, *epi_args, **epi_meta, num_warps=4, num_stages=1)
+        _fs_epilogue_kernel[(2 * rb,)](rb, B, *epi_args, **epi_meta, num_warps=ROW_WARPS["epilogue"], num_stages=1)
     return out + [saved[d][k] for d in range(2) for k in SAVED_PER_DIRECTION]
 
 
@@ -904,8 +907,8 @@ def fusion_stage_backward(dout0: Tensor, dout1: Tensor, x0: Tensor, x1: Tensor, 
         sc["dq0"] = K._empty((B, Cj), f32, device)
         probs.append(K.BwdProblem(dr.xj[:, 1:], sv[d]["qx"], sv[d]["w"], sc["dz"], sv[d]["z"], sv[d]["lse"],
                                   dout[1 - d][:, 1:], dx[1 - d][:, 1:], sc["dq0"], dr.eps_n, cfg.block_n))
-    plan = K.launch_plan([K.Problem(B, p.tokens.shape[1], p.tokens.shape[2], p.block_n, p.tokens.element_size())
-                          for p in probs], device, num_splits)
+    plan = K.launch_plan([K.Problem(B, p.tokens.shape[1], p.tokens.shape[2], p.block_n, p.tokens.element_size(),
+                                    p.w.shape[1]) for p in probs], device, num_splits)
     s_args, s_meta = [], {}
     for d, (p, S, tps) in enumerate(zip(probs, plan.splits, plan.tokens_per_split)):
         args, dw, part = K.bwd_problem_args(p, S, tps)
@@ -948,11 +951,80 @@ def fusion_stage_backward(dout0: Tensor, dout1: Tensor, x0: Tensor, x1: Tensor, 
                        f"HAS_BQ{d}": p["bq"] is not None, f"HAS_BK{d}": p["bk"] is not None})
     total_c = 2 * rb + sum(tiles_c)
     with K._device_guard(x0):
-        _fs_bwd_a_kernel[(2 * rb,)](rb, B, *a_args, **a_meta, num_warps=4, num_stages=1)
+        _fs_bwd_a_kernel[(2 * rb,)](rb, B, *a_args, **a_meta, num_warps=ROW_WARPS["rows_a"], num_stages=1)
         scfg = K.stream_config("bwd", max(dims[0][1], dims[1][1]), dtype)
         _fs_bwd_b_kernel[(GS + sum(tiles_b),)](
             G0, GS, tiles_b[0], *s_args, B, *b_args, **s_meta, SMMA=K._TL_TYPES[K.mma_dtype(dtype)],
             PREC=K._precision(dtype), HILO=K.hilo(dtype), **b_meta, num_warps=scfg.num_warps, num_stages=1)
         _fs_bwd_c_kernel[(total_c,)](_counters(device), rb, 2 * rb, tiles_c[0], total_c, B, *c_args, **c_meta,
-                                     num_warps=4, num_stages=1)
+                                     num_warps=ROW_WARPS["rows_c"], num_stages=1)
     return dx + grads[0] + grads[1]
+
+
+# ---------------------------------------------------------------------------------------------
+# the byte model: HBM bytes each launch moves, written from the kernels' loads and stores
+# ---------------------------------------------------------------------------------------------
+
+def stage_bytes(B: int, N: Sequence[int], C: Sequence[int], H: Sequence[int], elem: int,
+                splits_fwd: Sequence[int] = (1, 1), splits_bwd: Sequence[int] = (1, 1),
+                qkv_bias: bool = True) -> dict:
+    """{launch: (bytes read, bytes written)} of the stage's six launches ("prologue", "stream",
+    "epilogue" forward; "rows_a", "stream_tiles", "rows_tiles" backward), and the floors
+    "floor_fwd" / "floor_bwd" (every input read once, every output written once: tokens,
+    parameters, parameter gradients). Branch b has N[b] tokens (CLS included) of width C[b];
+    direction d attends with H[d] heads over branch 1 - d; ``elem`` is the tokens' (and the
+    parameters') element size; float32 intermediates are 4 bytes.
+
+    Read bytes are each launch's unique addresses read that the launch did not write first (a
+    value a program wrote and reads back comes from L2, not HBM); written bytes its unique
+    addresses written. Tests check this against the addresses the kernels touch under the
+    interpreter, and against the floors at the CrossViT-18 sizes."""
+    f4 = 4
+    out = {k: [0, 0] for k in ("prologue", "stream", "epilogue", "rows_a", "stream_tiles", "rows_tiles")}
+    params_total = 0
+    for d in range(2):
+        i, j = d, 1 - d
+        Ci, Cj, Hd, Mj = C[i], C[j], H[d], N[j] - 1
+        bq = Cj if qkv_bias else 0
+        p_f = (2 * Ci + Cj * Ci + Cj) * elem                    # LN_f, W_f, b_f
+        p_n = 2 * Cj * elem                                     # LN_1
+        p_qk = (2 * Cj * Cj + bq) * elem                        # W_q, b_q, W_k
+        p_vo = (2 * Cj * Cj + (Cj if qkv_bias else 0) + Cj) * elem   # W_v, b_v, W_o, b_o
+        p_g = (2 * Cj + Ci * Cj + Ci) * elem                    # LN_g, W_g, b_g
+        params_total += p_f + p_n + p_qk + p_vo + p_g + (bq * elem)   # (+ b_k, read by nobody)
+        rowC, rowHC, rowH = B * Cj * f4, B * Hd * Cj * f4, B * Hd * f4
+        tokens = B * Mj * Cj * elem
+        cls_i = B * Ci * elem
+        S, Sb = splits_fwd[d], splits_bwd[d]
+        # forward
+        out["prologue"][0] += cls_i + p_f + p_n + p_qk
+        out["prologue"][1] += 2 * rowC + rowHC                          # qx, q, w
+        out["stream"][0] += tokens + rowC + rowHC                       # tokens, qx (token 0), w
+        out["stream"][1] += tokens + (rowHC + rowH if S == 1 else S * (rowHC + 2 * rowH))   # copy, z & lse / partials
+        out["epilogue"][0] += (rowHC if S == 1 else S * (rowHC + 2 * rowH)) + rowC + p_n + p_vo + p_g   # z, qx
+        # (z, lse), o, c, out CLS
+        out["epilogue"][1] += (0 if S == 1 else rowHC + rowH) + 2 * rowC + cls_i
+        # backward A
+        # dout CLS, c, z, params
+        out["rows_a"][0] += cls_i + rowC + rowHC + (2 * Cj + Ci * Cj + 2 * Cj * Cj + Cj) * elem
+        out["rows_a"][1] += B * 2 * f4 + 4 * rowC + rowHC + rowC                 # stats, de, dc, do, r1; dz; r2
+        # backward B: the token pass and the first tiles (z read once for both)
+        out["stream_tiles"][0] += 2 * tokens + rowC + 3 * rowHC + rowH          # x, dout; qx; w, dz, z; lse
+        # dout CLS, stats; c, dc, o, do, de, r1, r2
+        out["stream_tiles"][0] += cls_i + B * 2 * f4 + 7 * rowC
+        out["stream_tiles"][0] += (2 * Cj + 2 * Cj) * elem                       # LN_g, LN_1 parameters
+        out["stream_tiles"][1] += tokens + rowC + Sb * rowHC                     # dx, dq0, dw (partials)
+        # dW_g, db_g, dW_o, dW_v, db_v, db_o, LN_g; n1a
+        out["stream_tiles"][1] += (Ci * Cj + Ci + 2 * Cj * Cj + (Cj if qkv_bias else 0) + Cj + 2 * Cj) * elem \
+            + 2 * Cj * f4
+        # backward C: rows (the tiles re-read what the rows wrote)
+        out["rows_tiles"][0] += Sb * rowHC + 2 * rowC + 2 * rowC + cls_i         # dw, q, qx, dc, dq0, x CLS
+        # W_k, W_q, LN_1, LN_f, W_f; n1a
+        out["rows_tiles"][0] += (2 * Cj * Cj + 2 * Cj + 2 * Ci + Cj * Ci) * elem + 2 * Cj * f4
+        out["rows_tiles"][1] += (rowHC if Sb > 1 else 0) + 4 * rowC + B * Ci * f4 + 2 * B * 2 * f4 + cls_i
+        out["rows_tiles"][1] += (2 * Cj * Cj + bq + Cj * Ci + Cj + 2 * Ci + 2 * Cj + (Cj if qkv_bias else 0)) * elem
+    x_all = sum(B * N[b] * C[b] for b in range(2)) * elem
+    res = {k: tuple(v) for k, v in out.items()}
+    res["floor_fwd"] = (x_all + params_total, x_all)
+    res["floor_bwd"] = (2 * x_all + params_total, x_all + params_total)
+    return res
