@@ -86,8 +86,11 @@ def _compile(kernel, types: dict, consts: dict, aligned, num_warps: int, num_sta
     compiled = triton.compile(source, target=GPUTarget("cuda", arch, 32),
                               options=dict(num_warps=num_warps, num_stages=num_stages))
     ptx = compiled.asm["ptx"]
+    import re
     return dict(shared=int(compiled.metadata.shared), cubin_bytes=len(compiled.asm["cubin"]), num_warps=num_warps,
                 num_stages=num_stages, ptx_mma=_mma_kinds(ptx), ptx_tf32_cvt="tf32" in ptx,
+                ptx_scalar_16bit_loads=len(re.findall(r"ld\.global(?:\.[a-z]+)*\.b16\b", ptx)),
+                ptx_async_copies=len(re.findall(r"cp\.async\.(?:ca|cg)\.shared", ptx)),
                 **_ptxas_usage(ptx, arch))
 
 

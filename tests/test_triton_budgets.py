@@ -389,3 +389,82 @@ def test_gpu_launches_at_crossvit18():
     _count_fwd_bwd(inp, "eager")
     f_launches, f_ops, b_launches, b_ops = _count_fwd_bwd(inp, "eager")
     assert f_launches == FWD and f_ops == [] and b_launches == BWD and b_ops == []
+
+
+# ---------------------------------------------------------------------------------------------
+# the patch embedding: one launch forward, at most two backward; its image loads are wide
+# ---------------------------------------------------------------------------------------------
+
+def _patch_inputs(dtype, B=2, Cin=3, H=24, W=36, C=24, ph=12, bias=True):
+    g = torch.Generator().manual_seed(5)
+    P = (H // ph) * (W // ph)
+
+    def r(*shape, scale=1.0):
+        return (torch.randn(*shape, generator=g, dtype=torch.float64) * scale).to(dtype).requires_grad_()
+
+    return [r(B, Cin, H, W), r(C, Cin, ph, ph, scale=(Cin * ph * ph) ** -0.5), r(C, scale=0.1) if bias else None,
+            r(1 + P, C, scale=0.5), r(C, scale=0.5)]
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=["bf16", "fp32"])
+@pytest.mark.parametrize("images_grad", [True, False], ids=["d-images", "no-d-images"])
+def test_patch_embed_launches(dtype, images_grad):
+    """Forward: one launch. Backward: the job-table launch and the partial sums (two at most),
+    and no other kernel (no clone of d_cls, no casts)."""
+    from crossvit_kernels.ops.patch_embed import patch_embed
+    args = _patch_inputs(dtype)
+    args[0].requires_grad_(images_grad)
+    leaves = [a for a in args if a is not None and a.requires_grad]
+    out, f_launches, f_ops = kernel_ops(lambda: patch_embed(*args, backend="triton"))
+    dout = torch.randn_like(out)
+    _, b_launches, b_ops = kernel_ops(lambda: torch.autograd.grad(out, leaves, dout))
+    assert f_launches == ["_patch_embed_fwd_kernel"] and f_ops == [], (f_launches, f_ops)
+    assert 1 <= len(b_launches) <= 2 and b_launches[0] == "_patch_embed_bwd_kernel" and b_ops == [], (b_launches, b_ops)
+
+
+_PATCH_CHILD = """
+import json, re, sys
+sys.path.insert(0, sys.argv[1])
+from helpers import check_triton_version
+version = check_triton_version()
+import torch
+import sm90
+from crossvit_kernels.backends.triton import patch_embed as tpe
+tpe._large_tiles = lambda t: False            # the GPU block sizes
+out = []
+for B, H, C, ph, dtype in ((4, 240, 224, 12, "bfloat16"), (4, 224, 448, 16, "bfloat16")):
+    dt = getattr(torch, dtype)
+    z = lambda *s: torch.zeros(*s, dtype=dt)
+    P = (H // ph) ** 2
+    _, fwd = sm90.capture_launches(tpe.patch_embed_forward, z(B, 3, H, H), z(C, 3, ph, ph), z(C), z(1 + P, C), z(C))
+    _, bwd = sm90.capture_launches(tpe.patch_embed_backward, z(B, 1 + P, C), z(B, 3, H, H), z(C, 3, ph, ph), True,
+                                   True)
+    for launch in fwd + bwd:
+        r = sm90.compile_launch(launch)
+        out.append(dict(r, patch=ph, dtype=dtype, triton=version))
+print('RESULT' + json.dumps(out))
+"""
+
+
+@pytest.mark.skipif(_nvidia_reason() is not None, reason=str(_nvidia_reason()))
+@pytest.mark.parametrize("install", [name for name, _ in triton_installs()])
+def test_patch_embed_compiles_for_sm90_within_budget(install):
+    """The 12- and 16-pixel patch embeddings (bf16, CrossViT-18 widths) on sm_90: no spills, at
+    least two programs per SM, bf16 MMA, and the forward's image tile loaded with asynchronous
+    copies into shared memory (the padded patch rows keep the pixels contiguous to the compiler:
+    the former gather issued one 2-byte load per pixel)."""
+    path = dict(triton_installs())[install]
+    proc = subprocess.run([sys.executable, "-c", _PATCH_CHILD, os.path.dirname(__file__)], env=compile_env(path),
+                          capture_output=True, text=True, timeout=1800)
+    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT")]
+    assert proc.returncode == 0 and lines, proc.stderr[-4000:]
+    bad = []
+    for r in json.loads(lines[-1][len("RESULT"):]):
+        print("   ", r["kernel"], r["patch"], r["registers"], "registers", r["ctas_per_sm"], "programs/SM")
+        if r["spill_stores"] or r["spill_loads"] or r["ctas_per_sm"] < 2 or r["ptx_tf32_cvt"]:
+            bad.append(r)
+        if r["kernel"] != "_patch_embed_bwd_finish_kernel" and not any(".bf16.bf16" in m for m in r["ptx_mma"]):
+            bad.append(r)
+        if r["kernel"] == "_patch_embed_fwd_kernel" and (r["ptx_scalar_16bit_loads"] or not r["ptx_async_copies"]):
+            bad.append(r)
+    assert not bad, bad
