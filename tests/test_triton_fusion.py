@@ -326,3 +326,34 @@ def test_stage_torch_export_holds_the_op():
     exp = Stage()(inp["x0"], inp["x1"])
     for a, b in zip(got, exp):
         assert torch.equal(a, b)
+
+
+def test_launch_c_protocol_matches_two_launches(monkeypatch):
+    """Launch C's ticket protocol (rows then tiles in one launch) gives the bits of its two-launch
+    fallback (SEQUENTIAL_C_ENV), and leaves its counters at zero for the next launch."""
+    FS = _fusion_kernels()
+    inp = stage_inputs(17, 20, 24, 9, 48, 4, 3, torch.bfloat16)
+    douts = grad_out_like(inp)
+    results = {}
+    for flag in ("0", "1"):
+        monkeypatch.setenv(FS.SEQUENTIAL_C_ENV, flag)
+        results[flag] = run(inp, "triton", douts)[1]
+    for name in results["0"]:
+        assert torch.equal(_bits(results["0"][name]), _bits(results["1"][name])), name
+    for counters in FS._COUNTERS.values():
+        assert int(counters.abs().sum()) == 0
+
+
+@pytest.mark.skipif(not HAS_GPU, reason="needs a CUDA GPU")
+@pytest.mark.gpu
+@pytest.mark.parametrize("B", [1, 64])
+def test_gpu_stage_crossvit18(B):
+    """On a GPU: CrossViT-18's stage (branches (401, 224) and (197, 448), 7 heads), bfloat16, the
+    planner's splits, against the float64 oracle; twice, with the same bits."""
+    inp = stage_inputs(B, 400, 224, 196, 448, 7, 7, torch.bfloat16)
+    outs, grads = check_stage(inp, torch.bfloat16)
+    again = run(inp, "triton", grad_out_like(inp))
+    for a, b in zip(outs, again[0]):
+        assert torch.equal(_bits(a), _bits(b))
+    for name in grads:
+        assert torch.equal(_bits(grads[name]), _bits(again[1][name])), name

@@ -41,6 +41,7 @@ O(B * H * C) in float32; nothing of size O(B * N) is stored besides the outputs.
 """
 from __future__ import annotations
 
+import os
 from typing import List, NamedTuple, Optional, Sequence
 
 import torch
@@ -712,12 +713,35 @@ def _fs_bwd_c_kernel(
     TK1, TQ1, TF1, TLF1, n1a1, dwk1, dwq1, dbq1, dfw1, dfb1, dfg1, dfbeta1, dng1, dnb1, dbk1,
     SPLIT0: tl.constexpr, S_PAD0: tl.constexpr, D_PAD0: tl.constexpr, HAS_BQ0: tl.constexpr, HAS_BK0: tl.constexpr,
     SPLIT1: tl.constexpr, S_PAD1: tl.constexpr, D_PAD1: tl.constexpr, HAS_BQ1: tl.constexpr, HAS_BK1: tl.constexpr,
-    MMA: tl.constexpr, HALF: tl.constexpr,
+    MMA: tl.constexpr, HALF: tl.constexpr, PHASE: tl.constexpr,
 ):
-    # A ticket from an integer counter orders the programs by start: tickets [0, R) run the row
-    # jobs, the rest the tile jobs, which wait until every row program has finished. A waiting
-    # program only waits on programs that started before it (so they are resident and finish);
-    # under the interpreter the programs run one after the other, in ticket order.
+    # PHASE 0 (the default): one launch. A ticket from an integer counter orders the programs by
+    # start: tickets [0, R) run the row jobs, the rest the tile jobs, which wait until every row
+    # program has finished. A waiting program only waits on programs that started before it (so
+    # they are resident and finish); under the interpreter the programs run one after the other,
+    # in ticket order. PHASE 1 / 2 (SEQUENTIAL_C_ENV): the row jobs, then the tile jobs, as two
+    # launches without counters (a fallback, and a check of the protocol on a GPU).
+    if PHASE == 1:
+        if tl.program_id(0) < R0:
+            _bwd_c_rows(tl.program_id(0), B, Ci0, Cj0, H0, D0, S0, scale0, epsn0, epsf0, pdw0, dw0, q0, wk0, ng0, nb0,
+                        qx0, wq0, dc0, dq00, x0, s_xb0, s_xc0, fg0, fb0, fw0, dx0, s_gb0, s_gc0, r30, dq0, dy00, dqx0,
+                        da0, stq0, sta0, SPLIT0, S_PAD0, D_PAD0, MMA, HALF)
+        else:
+            _bwd_c_rows(tl.program_id(0) - R0, B, Ci1, Cj1, H1, D1, S1, scale1, epsn1, epsf1, pdw1, dw1, q1, wk1, ng1,
+                        nb1, qx1, wq1, dc1, dq01, x1, s_xb1, s_xc1, fg1, fb1, fw1, dx1, s_gb1, s_gc1, r31, dq1, dy01,
+                        dqx1, da1, stq1, sta1, SPLIT1, S_PAD1, D_PAD1, MMA, HALF)
+        return
+    if PHASE == 2:
+        t = tl.program_id(0)
+        if t < T0:
+            _bwd_c_tiles(t, B, Ci0, Cj0, H0, D0, scale0, TK0, TQ0, TF0, TLF0, q0, dw0, ng0, nb0, dq0, qx0, stq0, dqx0,
+                         x0, s_xb0, s_xc0, sta0, fg0, fb0, da0, dy00, r30, n1a0, dwk0, dwq0, dbq0, dfw0, dfb0, dfg0,
+                         dfbeta0, dng0, dnb0, dbk0, HAS_BQ0, HAS_BK0, D_PAD0, MMA, HALF)
+        else:
+            _bwd_c_tiles(t - T0, B, Ci1, Cj1, H1, D1, scale1, TK1, TQ1, TF1, TLF1, q1, dw1, ng1, nb1, dq1, qx1, stq1,
+                         dqx1, x1, s_xb1, s_xc1, sta1, fg1, fb1, da1, dy01, r31, n1a1, dwk1, dwq1, dbq1, dfw1, dfb1,
+                         dfg1, dfbeta1, dng1, dnb1, dbk1, HAS_BQ1, HAS_BK1, D_PAD1, MMA, HALF)
+        return
     ticket = tl.atomic_add(cnt_ptr, 1, sem="acq_rel")
     if ticket < R:
         if ticket < R0:
@@ -850,6 +874,15 @@ def fusion_stage_forward(x0: Tensor, x1: Tensor, params: Sequence[Optional[Tenso
     return out + [saved[d][k] for d in range(2) for k in SAVED_PER_DIRECTION]
 
 
+#: Environment knob: "1" runs launch C as two launches (its row jobs, then its tile jobs) instead of
+#: one with the ticket protocol: four backward launches, the same bits.
+SEQUENTIAL_C_ENV = "CROSSVIT_KERNELS_FUSION_SEQUENTIAL_C"
+
+
+def sequential_c() -> bool:
+    return os.environ.get(SEQUENTIAL_C_ENV, "0").strip() == "1"
+
+
 _COUNTERS = {}
 
 
@@ -956,8 +989,13 @@ def fusion_stage_backward(dout0: Tensor, dout1: Tensor, x0: Tensor, x1: Tensor, 
         _fs_bwd_b_kernel[(GS + sum(tiles_b),)](
             G0, GS, tiles_b[0], *s_args, B, *b_args, **s_meta, SMMA=K._TL_TYPES[K.mma_dtype(dtype)],
             PREC=K._precision(dtype), HILO=K.hilo(dtype), **b_meta, num_warps=scfg.num_warps, num_stages=1)
-        _fs_bwd_c_kernel[(total_c,)](_counters(device), rb, 2 * rb, tiles_c[0], total_c, B, *c_args, **c_meta,
-                                     num_warps=ROW_WARPS["rows_c"], num_stages=1)
+        if sequential_c():
+            for phase, grid in ((1, 2 * rb), (2, sum(tiles_c))):
+                _fs_bwd_c_kernel[(grid,)](_counters(device), rb, 2 * rb, tiles_c[0], total_c, B, *c_args, **c_meta,
+                                          PHASE=phase, num_warps=ROW_WARPS["rows_c"], num_stages=1)
+        else:
+            _fs_bwd_c_kernel[(total_c,)](_counters(device), rb, 2 * rb, tiles_c[0], total_c, B, *c_args, **c_meta,
+                                         PHASE=0, num_warps=ROW_WARPS["rows_c"], num_stages=1)
     return dx + grads[0] + grads[1]
 
 
