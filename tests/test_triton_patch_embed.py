@@ -314,10 +314,8 @@ def _compile_check(arch: int = 90) -> None:
                 log.append((self.fn, args, constexprs, dict(num_warps=num_warps, num_stages=num_stages)))
             return launch
 
-    for name in ("_patch_embed_fwd_kernel", "_patch_embed_bwd_dw_kernel", "_patch_embed_bwd_dx_kernel",
-                 "_patch_embed_bwd_pos_kernel", "_sum_partials_kernel"):
+    for name in ("_patch_embed_fwd_kernel", "_patch_embed_bwd_kernel", "_patch_embed_bwd_finish_kernel"):
         setattr(tpe, name, Recorder(getattr(tpe, name)))
-    tpe._dot_fp32 = lambda images: False          # the GPU path: 16-bit operands straight into tl.dot
     tpe._large_tiles = lambda t: False            # the GPU block sizes
     target = GPUTarget("cuda", arch, 32)
     seen = set()
@@ -358,8 +356,7 @@ def _compile_check(arch: int = 90) -> None:
                                     target=target, options=options)
             ptx = kernel.asm["ptx"]
             mma = len(re.findall(r"\b(wgmma\.mma_async|mma\.sync)", ptx))
-            uses_dot = fn.__name__ in ("_patch_embed_fwd_kernel", "_patch_embed_bwd_dw_kernel",
-                                       "_patch_embed_bwd_dx_kernel")
+            uses_dot = fn.__name__ in ("_patch_embed_fwd_kernel", "_patch_embed_bwd_kernel")
             if uses_dot and dtype in (torch.float16, torch.bfloat16, torch.float64):
                 assert mma > 0, f"{fn.__name__} ({dtype}) did not lower tl.dot to tensor-core instructions"
             print(f"sm_{arch} {fn.__name__} {str(dtype)[6:]} C={C} patch={ph}x{pw}: ok "

@@ -43,6 +43,24 @@ Core contract (``w`` as above, contiguous in ``acc``):
         -> (dx_cls (B, C) in x_cls's dtype, dx_tokens (B, M, C) contiguous in x_tokens's dtype,
             dw (B, H, C) in acc)
 
+Fusion-stage contract (the whole cross-attention fusion of a multi-scale block, both directions;
+``crossvit_kernels.ops.fusion``). Direction d has query branch i = d and token branch j = 1 - d;
+its parameters, in FUSION_PARAMS order, are the projection f (LayerNorm C_i, Linear C_i -> C_j),
+the cross-attention block (LayerNorm C_j, wq/bq, wk/bk, wv/bv, wo/bo) and the projection g
+(LayerNorm C_j, Linear C_j -> C_i); bq, bk, bv may be None:
+
+    fusion_stage_forward(x0 (B, 1 + N0, C0), x1 (B, 1 + N1, C1), params (2 * 18, direction 0 first),
+                         heads (H0, H1), eps (eps_f, eps_n, eps_g) per direction)
+        -> [out0, out1] (the inputs' shapes and dtype, contiguous) + what the backward needs:
+           FUSION_SAVED per direction (qx, q (B, C_j); w, z (B, H, C_j); lse (B, H); o, c (B, C_j)),
+           float32, nothing of size O(B * N).
+    fusion_stage_backward(dout0, dout1, x0, x1, params, saved, heads, eps)
+        -> [dx0, dx1] + one gradient per parameter (None where the parameter is None), each in its
+           input's dtype, dx0 / dx1 contiguous; bk's is exactly zero.
+
+A backend declares the stage as data (``dtypes["fusion_stage"]``); where none does, the model's
+fusion runs per piece (the projections as modules, the cross-attention op per direction).
+
 Patch embedding contract (shapes in ``crossvit_kernels.ops.patch_embed``):
 
     patch_embed_forward(images, weight, bias | None, pos_embed (1 + P, C), cls_token (C,)) -> out
@@ -64,7 +82,14 @@ Tensor = torch.Tensor
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 #: The dtypes of the compiled kernels (float32 accumulation).
 HALF_AND_SINGLE = (torch.float16, torch.bfloat16, torch.float32)
-OPS = ("cross_attention", "patch_embed")
+OPS = ("cross_attention", "patch_embed", "fusion_stage")
+#: one direction's parameters of the fusion stage, in the contract's order
+FUSION_PARAMS = ("f_ln_w", "f_ln_b", "f_w", "f_b", "n_w", "n_b", "wq", "bq", "wk", "bk", "wv", "bv", "wo", "bo",
+                 "g_ln_w", "g_ln_b", "g_w", "g_b")
+#: the ones that may be None (a block built with qkv_bias=False)
+FUSION_OPTIONAL = ("bq", "bk", "bv")
+#: what the fusion stage's forward keeps for its backward, per direction
+FUSION_SAVED = ("qx", "q", "w", "z", "lse", "o", "c")
 #: ``Backend.devices`` of a backend that runs on any device type
 ANY_DEVICE = ("any",)
 
@@ -126,6 +151,15 @@ class Backend:
 
     def patch_embed_forward(self, images: Tensor, weight: Tensor, bias: Optional[Tensor], pos_embed: Tensor,
                             cls_token: Tensor) -> Tensor:
+        raise NotImplementedError
+
+    def fusion_stage_forward(self, x0: Tensor, x1: Tensor, params: Sequence[Optional[Tensor]],
+                             heads: Sequence[int], eps: Sequence[float]) -> List[Tensor]:
+        raise NotImplementedError
+
+    def fusion_stage_backward(self, dout0: Tensor, dout1: Tensor, x0: Tensor, x1: Tensor,
+                              params: Sequence[Optional[Tensor]], saved: Sequence[Tensor], heads: Sequence[int],
+                              eps: Sequence[float]) -> List[Optional[Tensor]]:
         raise NotImplementedError
 
     def patch_embed_backward(self, grad_out: Tensor, images: Tensor, weight: Tensor, has_bias: bool,

@@ -43,6 +43,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..modules import Block, CrossAttentionBlock
+from ..ops.fusion import fuse_modules
 
 Tensor = torch.Tensor
 
@@ -172,8 +173,12 @@ def fuse_cross_attention(projs: Sequence[nn.Module], fusion: Sequence[nn.Module]
 
     with j = (i + 1) mod (number of branches). The patch tokens of the output are those of the
     input, copied into a new tensor: ``xs`` (the encoders' outputs, which hooks and feature
-    extractors may hold) is never written to.
+    extractors may hold) is never written to. With two branches and a backend that declares the
+    whole stage (``crossvit_kernels.ops.fusion``), both directions run as that one op.
     """
+    fused = fuse_modules(projs, fusion, revert_projs, xs)     # both directions in one op, when a backend has it
+    if fused is not None:
+        return fused
     nb = len(xs)
     qs = [projs[i](xs[i][:, 0:1]) for i in range(nb)]    # timm's order of module calls (hooks see it)
     outs = []

@@ -7,74 +7,74 @@ so nothing imports it until an op asks for the ``triton`` backend.
 The backend implements the whole cross-attention forward (``projections.py``: its projections as
 three kernels around the one-pass core of ``cross_attention.py``) for float16, bfloat16 and
 float32, and the core's backward; float64 and the backward's projections use the inherited
-absorbed formulation around the core. ``patch_embed.py`` holds the patch embedding.
+absorbed formulation around the core. ``fusion.py`` runs a multi-scale block's whole
+cross-attention fusion stage (both directions) in three launches forward and three backward.
+``patch_embed.py`` holds the patch embedding.
 """
 from __future__ import annotations
 
-import contextlib
-import os
-import threading
 from typing import Optional
 
 import torch
 
 from ..base import FLOAT_DTYPES, HALF_AND_SINGLE, Backend
+from .interpreter import interpreting, serialized
 
-
-def _interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
-
-
-# The interpreter swaps module-level state of triton.language while it runs a kernel, so two
-# threads interpreting at once break each other: under TRITON_INTERPRET=1 the backend runs one
-# call at a time (a compiled kernel on a GPU needs no such lock).
-_INTERPRETER_LOCK = threading.RLock()
-
-
-def _serialized():
-    return _INTERPRETER_LOCK if _interpreting() else contextlib.nullcontext()
+if interpreting():
+    from .interpreter import patch_bf16
+    patch_bf16()
 
 
 class TritonBackend(Backend):
     name = "triton"
     devices = ("cuda", "cpu")
-    dtypes = {"cross_attention": FLOAT_DTYPES, "patch_embed": FLOAT_DTYPES}
+    dtypes = {"cross_attention": FLOAT_DTYPES, "patch_embed": FLOAT_DTYPES, "fusion_stage": HALF_AND_SINGLE}
+    why_not = {"fusion_stage": "float64 runs the fusion per piece"}
 
     def __init__(self):
-        from . import cross_attention, patch_embed, projections  # imports Triton: fails here if it is broken
-        self._core, self._patch, self._proj = cross_attention, patch_embed, projections
+        # imports Triton: fails here if it is broken
+        from . import cross_attention, fusion, patch_embed, projections
+        self._core, self._patch, self._proj, self._fusion = cross_attention, patch_embed, projections, fusion
 
     def unavailable_reason(self) -> Optional[str]:
-        if not torch.cuda.is_available() and not _interpreting():
+        if not torch.cuda.is_available() and not interpreting():
             return "no CUDA device (set TRITON_INTERPRET=1 to run the kernels on the CPU, slowly, for testing)"
         return None
 
     def device_reason(self, device: torch.device) -> Optional[str]:
-        if device.type == "cpu" and not _interpreting():
+        if device.type == "cpu" and not interpreting():
             return "CPU tensors need TRITON_INTERPRET=1 (the interpreter, for tests)"
         return None
 
     def cross_attention_forward(self, x_cls, x_tokens, norm_weight, norm_bias, wq, bq, wk, wv, bv, wo, bo,
                                 num_heads, eps, residual):
         if x_cls.dtype in HALF_AND_SINGLE and self._proj.fused_projections_enabled():
-            with _serialized():
+            with serialized():
                 return self._proj.cross_attention_forward_fused(x_cls, x_tokens, norm_weight, norm_bias, wq, bq, wk,
                                                                 wv, bv, wo, bo, num_heads, eps, residual)
         return super().cross_attention_forward(x_cls, x_tokens, norm_weight, norm_bias, wq, bq, wk, wv, bv, wo, bo,
                                                num_heads, eps, residual)
 
     def cross_attention_core_forward(self, x_cls, x_tokens, w, eps):
-        with _serialized():
+        with serialized():
             return self._core.cross_attention_core_forward(x_cls, x_tokens, w, eps)
 
     def cross_attention_core_backward(self, x_cls, x_tokens, w, z, lse, dz, eps):
-        with _serialized():
+        with serialized():
             return self._core.cross_attention_core_backward(x_cls, x_tokens, w, z, lse, dz, eps)
 
+    def fusion_stage_forward(self, x0, x1, params, heads, eps):
+        with serialized():
+            return self._fusion.fusion_stage_forward(x0, x1, params, heads, eps)
+
+    def fusion_stage_backward(self, dout0, dout1, x0, x1, params, saved, heads, eps):
+        with serialized():
+            return self._fusion.fusion_stage_backward(dout0, dout1, x0, x1, params, saved, heads, eps)
+
     def patch_embed_forward(self, images, weight, bias, pos_embed, cls_token):
-        with _serialized():
+        with serialized():
             return self._patch.patch_embed_forward(images, weight, bias, pos_embed, cls_token)
 
     def patch_embed_backward(self, grad_out, images, weight, has_bias, needs_images_grad):
-        with _serialized():
+        with serialized():
             return self._patch.patch_embed_backward(grad_out, images, weight, has_bias, needs_images_grad)

@@ -9,17 +9,23 @@ as a GEMM over K = Cin * ph * pw whose left operand is gathered straight from th
 writes it behind the CLS row of the token buffer. The programs whose tile holds the first patch
 of a batch row also write that row's ``cls_token + pos_embed[0]``: no cat, no separate add.
 
-Backward (given g = dL/d out):
+The K axis (ci, ky, kx) is walked with each patch row padded to PWP = the next power of two of
+PW: kx = k % PWP keeps a patch row's PW pixels contiguous to the compiler, so the image tile is
+fetched with wide asynchronous copies into shared memory (pipelined) instead of one 2-byte load
+per pixel (the 12-pixel rows of CrossViT's small branch are 24 bytes); the padded columns are
+masked and the weight is read with the same padded index.
 
-    d_weight[c, k] = sum_{b, p} g[b, 1 + p, c] * patch(b, p)[k]   a GEMM over the B * P rows; the
-                     rows are cut into a shape-determined number of splits, each written to its own
-                     partial buffer, and the partials are summed in a fixed order (no atomics)
-    d_pos[t, c]    = sum_b g[b, t, c];   d_cls = d_pos[0];   d_bias = sum_{t >= 1} d_pos[t]
-    d_images       = (g[:, 1:] @ W) scattered back to NCHW (patches do not overlap: every image
-                     element is written exactly once), only when the images need a gradient
+Backward (given g = dL/d out), in at most two launches:
 
-Block sizes come from a heuristic that depends only on the shapes and dtype (no autotuning, whose
-timing-dependent choice would change the summation order): same inputs, same bits.
+    1. a job table: the d_weight tiles, d_weight[c, k] = sum_{b, p} g[b, 1 + p, c] patch(b, p)[k]
+       over the rows of one split each (a shape-determined number of splits, partials when more
+       than one); the d_images tiles, (g[:, 1:] @ W) scattered back to NCHW (patches do not overlap:
+       every pixel is written once), only when the images need a gradient; the d_pos tiles,
+       d_pos[t, c] = sum_b g[b, t, c] in batch order, whose row 0 is d_cls and whose rows t >= 1
+       give d_bias' partial per token tile;
+    2. only when something was split: the fixed-order sums of the d_weight and d_bias partials.
+
+No atomics anywhere.
 
 float32 products follow ``torch.get_float32_matmul_precision()``: "highest" (PyTorch's default)
 computes them exactly (``input_precision="ieee"``), "high" / "medium" allow TF32 tensor cores.
@@ -53,13 +59,17 @@ def _patch_rows(rows, P, GW, s_b, s_h, s_w, PH: tl.constexpr, PW: tl.constexpr):
 
 
 @triton.jit
-def _patch_cols(ks, s_c, s_h, s_w, PH: tl.constexpr, PW: tl.constexpr):
-    """Patch columns k = (ci * PH + ky) * PW + kx -> offset inside the patch (int64)."""
-    ci = ks // (PH * PW)
-    r = ks - ci * (PH * PW)
-    ky = r // PW
-    kx = r - ky * PW
-    return ci.to(tl.int64) * s_c + ky.to(tl.int64) * s_h + kx.to(tl.int64) * s_w
+def _patch_cols(ks, KP, s_c, s_h, s_w, PH: tl.constexpr, PW: tl.constexpr, PWP: tl.constexpr):
+    """Padded patch columns k = (ci * PH + ky) * PWP + kx (PWP: PW rounded up to a power of two)
+    -> (offset inside the patch, column of the (C, Cin * PH * PW) weight, valid). The padding makes
+    kx = k % PWP a power-of-two split: runs of PW contiguous pixels stay contiguous to the compiler,
+    so a patch row is loaded with vector accesses (a 12-pixel row is 24 bytes of a 2-byte image)."""
+    kx = ks % PWP
+    r = ks // PWP
+    ci = r // PH
+    ky = r - ci * PH
+    ok = (kx < PW) & (ks < KP)
+    return ci.to(tl.int64) * s_c + ky.to(tl.int64) * s_h + kx.to(tl.int64) * s_w, r * PW + kx, ok
 
 
 @triton.jit
@@ -70,12 +80,12 @@ def _patch_embed_fwd_kernel(
     pos_ptr,                    # (1 + P, C), strides s_pt, s_pc
     cls_ptr,                    # (C,), stride s_cls
     out_ptr,                    # (B, 1 + P, C) contiguous
-    M, P, GW, C, K,             # M = B * P rows, GW = patches per grid row
+    M, P, GW, C, K, KP,         # M = B * P rows, GW = patches per grid row, KP = Cin * PH * PWP
     s_ib, s_ic, s_ih, s_iw,
     s_pt, s_pc, s_cls,
-    HAS_BIAS: tl.constexpr, PH: tl.constexpr, PW: tl.constexpr,
+    HAS_BIAS: tl.constexpr, PH: tl.constexpr, PW: tl.constexpr, PWP: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-    ACC_DTYPE: tl.constexpr, INPUT_PRECISION: tl.constexpr, DOT_FP32: tl.constexpr,
+    ACC_DTYPE: tl.constexpr, INPUT_PRECISION: tl.constexpr,
 ):
     pid = tl.program_id(0).to(tl.int64)
     num_n = tl.cdiv(C, BLOCK_N)
@@ -88,17 +98,13 @@ def _patch_embed_fwd_kernel(
     b, p, a_row = _patch_rows(rows, P, GW, s_ib, s_ih, s_iw, PH, PW)
 
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=ACC_DTYPE)
-    for k0 in range(0, K, BLOCK_K):
+    for k0 in range(0, KP, BLOCK_K):
         ks = k0 + tl.arange(0, BLOCK_K)
-        k_ok = ks < K
-        a_col = _patch_cols(ks, s_ic, s_ih, s_iw, PH, PW)
+        a_col, w_col, k_ok = _patch_cols(ks, KP, s_ic, s_ih, s_iw, PH, PW, PWP)
         a = tl.load(images_ptr + (a_row[:, None] + a_col[None, :]),
                     mask=row_ok[:, None] & k_ok[None, :], other=0.0)                  # (BM, BK)
-        w = tl.load(weight_ptr + (cols[None, :] * K + ks[:, None]),
+        w = tl.load(weight_ptr + (cols[None, :] * K + w_col[:, None]),
                     mask=k_ok[:, None] & col_ok[None, :], other=0.0)                  # (BK, BN)
-        if DOT_FP32:
-            a = a.to(tl.float32)
-            w = w.to(tl.float32)
         acc = tl.dot(a, w, acc, input_precision=INPUT_PRECISION, out_dtype=acc.dtype)
 
     mask = row_ok[:, None] & col_ok[None, :]
@@ -117,28 +123,19 @@ def _patch_embed_fwd_kernel(
 
 
 @triton.jit
-def _patch_embed_bwd_dw_kernel(
-    grad_ptr,                   # (B, 1 + P, C), strides s_gb, s_gt, s_gc
-    images_ptr,                 # (B, Cin, H, W), strides s_ib, s_ic, s_ih, s_iw
-    dw_ptr,                     # (SPLITS, C, K) contiguous: one partial d_weight per split
-    M, P, GW, C, K, ROWS_PER_SPLIT,
-    s_gb, s_gt, s_gc,
-    s_ib, s_ic, s_ih, s_iw,
-    PH: tl.constexpr, PW: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-    ACC_DTYPE: tl.constexpr, INPUT_PRECISION: tl.constexpr, DOT_FP32: tl.constexpr,
-):
-    pid = tl.program_id(0).to(tl.int64)
-    split = tl.program_id(1).to(tl.int64)
-    num_k = tl.cdiv(K, BLOCK_K)
+def _bwd_dw_tile(pid, split, grad_ptr, images_ptr, dw_ptr, M, P, GW, C, K, KP, ROWS_PER_SPLIT,
+                 s_gb, s_gt, s_gc, s_ib, s_ic, s_ih, s_iw,
+                 PH: tl.constexpr, PW: tl.constexpr, PWP: tl.constexpr,
+                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                 ACC_DTYPE: tl.constexpr, INPUT_PRECISION: tl.constexpr):
+    """d_weight's (BLOCK_N, BLOCK_K) tile over the rows of one split (a partial when split)."""
+    num_k = tl.cdiv(KP, BLOCK_K)
     pid_n = pid // num_k
     pid_k = pid - pid_n * num_k
     cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N).to(tl.int64)
     ks = pid_k * BLOCK_K + tl.arange(0, BLOCK_K)
     col_ok = cols < C
-    k_ok = ks < K
-    a_col = _patch_cols(ks, s_ic, s_ih, s_iw, PH, PW)
-
+    a_col, w_col, k_ok = _patch_cols(ks, KP, s_ic, s_ih, s_iw, PH, PW, PWP)
     m_start = split * ROWS_PER_SPLIT
     m_end = tl.minimum(m_start + ROWS_PER_SPLIT, M)
     acc = tl.zeros((BLOCK_N, BLOCK_K), dtype=ACC_DTYPE)
@@ -150,99 +147,126 @@ def _patch_embed_bwd_dw_kernel(
                       mask=col_ok[:, None] & row_ok[None, :], other=0.0)              # (BN, BM)
         a = tl.load(images_ptr + (a_row[:, None] + a_col[None, :]),
                     mask=row_ok[:, None] & k_ok[None, :], other=0.0)                  # (BM, BK)
-        g_t = g_t.to(a.dtype)
-        if DOT_FP32:
-            g_t = g_t.to(tl.float32)
-            a = a.to(tl.float32)
-        acc = tl.dot(g_t, a, acc, input_precision=INPUT_PRECISION, out_dtype=acc.dtype)
-
-    out = dw_ptr + split * C * K + (cols[:, None] * K + ks[None, :])
+        acc = tl.dot(g_t.to(a.dtype), a, acc, input_precision=INPUT_PRECISION, out_dtype=acc.dtype)
+    out = dw_ptr + split * C * K + (cols[:, None] * K + w_col[None, :])
     tl.store(out, acc.to(dw_ptr.dtype.element_ty), mask=col_ok[:, None] & k_ok[None, :])
 
 
 @triton.jit
-def _patch_embed_bwd_dx_kernel(
-    grad_ptr,                   # (B, 1 + P, C), strides s_gb, s_gt, s_gc
-    weight_ptr,                 # (C, K) contiguous
-    dimages_ptr,                # (B, Cin, H, W), strides s_db, s_dc, s_dh, s_dw
-    M, P, GW, C, K,
-    s_gb, s_gt, s_gc,
-    s_db, s_dc, s_dh, s_dw,
-    PH: tl.constexpr, PW: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-    ACC_DTYPE: tl.constexpr, INPUT_PRECISION: tl.constexpr, DOT_FP32: tl.constexpr,
-):
-    pid = tl.program_id(0).to(tl.int64)
-    num_k = tl.cdiv(K, BLOCK_K)
+def _bwd_dx_tile(pid, grad_ptr, weight_ptr, dimages_ptr, M, P, GW, C, K, KP,
+                 s_gb, s_gt, s_gc, s_db, s_dc, s_dh, s_dw,
+                 PH: tl.constexpr, PW: tl.constexpr, PWP: tl.constexpr,
+                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                 ACC_DTYPE: tl.constexpr, INPUT_PRECISION: tl.constexpr):
+    """d_images' (BLOCK_M patches, BLOCK_K padded columns) tile: g[:, 1:] @ W, scattered back
+    (patches do not overlap: every pixel is written once)."""
+    num_k = tl.cdiv(KP, BLOCK_K)
     pid_m = pid // num_k
     pid_k = pid - pid_m * num_k
     rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M).to(tl.int64)
     ks = pid_k * BLOCK_K + tl.arange(0, BLOCK_K)
     row_ok = rows < M
-    k_ok = ks < K
     b, p, d_row = _patch_rows(rows, P, GW, s_db, s_dh, s_dw, PH, PW)
+    d_col, w_col, k_ok = _patch_cols(ks, KP, s_dc, s_dh, s_dw, PH, PW, PWP)
     g_row = b * s_gb + (1 + p) * s_gt
-
     acc = tl.zeros((BLOCK_M, BLOCK_K), dtype=ACC_DTYPE)
     for n0 in range(0, C, BLOCK_N):
         cols = n0 + tl.arange(0, BLOCK_N)
         col_ok = cols < C
         g = tl.load(grad_ptr + (g_row[:, None] + cols[None, :].to(tl.int64) * s_gc),
                     mask=row_ok[:, None] & col_ok[None, :], other=0.0)                # (BM, BN)
-        w = tl.load(weight_ptr + (cols[:, None].to(tl.int64) * K + ks[None, :]),
+        w = tl.load(weight_ptr + (cols[:, None].to(tl.int64) * K + w_col[None, :]),
                     mask=col_ok[:, None] & k_ok[None, :], other=0.0)                  # (BN, BK)
-        g = g.to(w.dtype)
-        if DOT_FP32:
-            g = g.to(tl.float32)
-            w = w.to(tl.float32)
-        acc = tl.dot(g, w, acc, input_precision=INPUT_PRECISION, out_dtype=acc.dtype)
-
-    d_col = _patch_cols(ks, s_dc, s_dh, s_dw, PH, PW)
+        acc = tl.dot(g.to(w.dtype), w, acc, input_precision=INPUT_PRECISION, out_dtype=acc.dtype)
     tl.store(dimages_ptr + (d_row[:, None] + d_col[None, :]), acc.to(dimages_ptr.dtype.element_ty),
              mask=row_ok[:, None] & k_ok[None, :])
 
 
 @triton.jit
-def _patch_embed_bwd_pos_kernel(
-    grad_ptr,                   # (B, T, C), T = 1 + P, strides s_gb, s_gt, s_gc
-    dpos_ptr,                   # (T, C) contiguous
-    bias_part_ptr,              # (cdiv(T, BLOCK_T), C) contiguous: per-tile sums of rows t >= 1
-    B, T, C,
-    s_gb, s_gt, s_gc,
-    BLOCK_T: tl.constexpr, BLOCK_N: tl.constexpr, ACC_DTYPE: tl.constexpr,
-):
-    pid = tl.program_id(0).to(tl.int64)
+def _bwd_pos_tile(pid, grad_ptr, dpos_ptr, dcls_ptr, bias_part_ptr, B, T, C, s_gb, s_gt, s_gc,
+                  BLOCK_T: tl.constexpr, BLOCK_N: tl.constexpr, ACC_DTYPE: tl.constexpr):
+    """d_pos's (BLOCK_T, BLOCK_N) tile (the batch summed in order), d_cls from its row 0, and
+    this tile's sum over its rows t >= 1 (d_bias' partial)."""
     num_n = tl.cdiv(C, BLOCK_N)
     pid_t = pid // num_n
     pid_n = pid - pid_t * num_n
     toks = pid_t * BLOCK_T + tl.arange(0, BLOCK_T).to(tl.int64)
     cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N).to(tl.int64)
-    mask = (toks < T)[:, None] & (cols < C)[None, :]
+    col_ok = cols < C
+    mask = (toks < T)[:, None] & col_ok[None, :]
     ptrs = grad_ptr + (toks[:, None] * s_gt + cols[None, :] * s_gc)
     acc = tl.zeros((BLOCK_T, BLOCK_N), dtype=ACC_DTYPE)
     for _ in range(0, B):                                    # batch rows in order: deterministic
         acc += tl.load(ptrs, mask=mask, other=0.0).to(ACC_DTYPE)
         ptrs += s_gb
     tl.store(dpos_ptr + (toks[:, None] * C + cols[None, :]), acc.to(dpos_ptr.dtype.element_ty), mask=mask)
+    row0 = tl.sum(tl.where((toks == 0)[:, None], acc, 0.0), axis=0)
+    tl.store(dcls_ptr + cols, row0.to(dcls_ptr.dtype.element_ty), mask=col_ok & (pid_t == 0))
     part = tl.sum(tl.where(mask & (toks >= 1)[:, None], acc, 0.0), axis=0)
-    tl.store(bias_part_ptr + (pid_t * C + cols), part.to(bias_part_ptr.dtype.element_ty), mask=cols < C)
+    tl.store(bias_part_ptr + (pid_t * C + cols), part.to(bias_part_ptr.dtype.element_ty), mask=col_ok)
 
 
 @triton.jit
-def _sum_partials_kernel(
-    part_ptr,                   # (S, N) contiguous
-    out_ptr,                    # (N,) contiguous
-    S, N,
+def _patch_embed_bwd_kernel(
+    grad_ptr,                   # (B, 1 + P, C), strides s_gb, s_gt, s_gc
+    images_ptr,                 # (B, Cin, H, W), strides s_ib, s_ic, s_ih, s_iw
+    weight_ptr,                 # (C, K) contiguous
+    dw_ptr,                     # (SPLITS, C, K): d_weight, or its partials
+    dimages_ptr,                # (B, Cin, H, W) (unused without DX), strides s_db, s_dc, s_dh, s_dw
+    dpos_ptr, dcls_ptr,         # (T, C), (C,)
+    bias_part_ptr,              # (T_TILES, C): d_bias, or its partials
+    B, T, M, P, GW, C, K, KP, ROWS_PER_SPLIT, N_DW, N_DX,
+    s_gb, s_gt, s_gc,
+    s_ib, s_ic, s_ih, s_iw,
+    s_db, s_dc, s_dh, s_dw,
+    PH: tl.constexpr, PW: tl.constexpr, PWP: tl.constexpr,
+    WM: tl.constexpr, WN: tl.constexpr, WK: tl.constexpr,
+    XM: tl.constexpr, XN: tl.constexpr, XK: tl.constexpr,
+    BLOCK_T: tl.constexpr, BLOCK_PN: tl.constexpr,
+    ACC_DTYPE: tl.constexpr, INPUT_PRECISION: tl.constexpr,
+):
+    """The backward's first launch, a job table: [0, N_DW) d_weight tiles x splits, then N_DX
+    d_images tiles (zero without DX), then the d_pos / d_cls / d_bias-partial tiles."""
+    pid = tl.program_id(0)
+    if pid < N_DW:
+        tiles = tl.cdiv(C, WN) * tl.cdiv(KP, WK)
+        _bwd_dw_tile((pid % tiles).to(tl.int64), (pid // tiles).to(tl.int64), grad_ptr, images_ptr, dw_ptr, M, P,
+                     GW, C, K, KP, ROWS_PER_SPLIT, s_gb, s_gt, s_gc, s_ib, s_ic, s_ih, s_iw, PH, PW, PWP, WM, WN, WK,
+                     ACC_DTYPE, INPUT_PRECISION)
+    elif pid < N_DW + N_DX:
+        _bwd_dx_tile((pid - N_DW).to(tl.int64), grad_ptr, weight_ptr, dimages_ptr, M, P, GW, C, K, KP,
+                     s_gb, s_gt, s_gc, s_db, s_dc, s_dh, s_dw, PH, PW, PWP, XM, XN, XK, ACC_DTYPE, INPUT_PRECISION)
+    else:
+        _bwd_pos_tile((pid - N_DW - N_DX).to(tl.int64), grad_ptr, dpos_ptr, dcls_ptr, bias_part_ptr, B, T, C,
+                      s_gb, s_gt, s_gc, BLOCK_T, BLOCK_PN, ACC_DTYPE)
+
+
+@triton.jit
+def _patch_embed_bwd_finish_kernel(
+    dw_part_ptr,                # (S, C * K) partials (S > 1)
+    dw_ptr,                     # (C * K,)
+    bias_part_ptr,              # (T_TILES, C) partials
+    dbias_ptr,                  # (C,)
+    S, CK, T_TILES, C, N_W,
     BLOCK: tl.constexpr, ACC_DTYPE: tl.constexpr,
 ):
-    offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK).to(tl.int64)
-    ok = offs < N
-    ptrs = part_ptr + offs
-    acc = tl.zeros((BLOCK,), dtype=ACC_DTYPE)
-    for _ in range(0, S):                                    # partials in order: deterministic
-        acc += tl.load(ptrs, mask=ok, other=0.0).to(ACC_DTYPE)
-        ptrs += N
-    tl.store(out_ptr + offs, acc.to(out_ptr.dtype.element_ty), mask=ok)
+    """The backward's second launch (only when something is split): [0, N_W) blocks of d_weight
+    summed over its S partials, then the blocks of d_bias summed over its T_TILES; in order."""
+    pid = tl.program_id(0)
+    if pid < N_W:
+        offs = pid.to(tl.int64) * BLOCK + tl.arange(0, BLOCK).to(tl.int64)
+        ok = offs < CK
+        acc = tl.zeros((BLOCK,), dtype=ACC_DTYPE)
+        for s in range(0, S):
+            acc += tl.load(dw_part_ptr + s * CK + offs, mask=ok, other=0.0).to(ACC_DTYPE)
+        tl.store(dw_ptr + offs, acc.to(dw_ptr.dtype.element_ty), mask=ok)
+    else:
+        offs = (pid - N_W).to(tl.int64) * BLOCK + tl.arange(0, BLOCK).to(tl.int64)
+        ok = offs < C
+        acc = tl.zeros((BLOCK,), dtype=ACC_DTYPE)
+        for t in range(0, T_TILES):
+            acc += tl.load(bias_part_ptr + t * C + offs, mask=ok, other=0.0).to(ACC_DTYPE)
+        tl.store(dbias_ptr + offs, acc.to(dbias_ptr.dtype.element_ty), mask=ok)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -262,24 +286,6 @@ def _input_precision(dtype: torch.dtype) -> str:
         except Exception:  # pragma: no cover - an exotic torch without the query
             pass
     return "ieee"
-
-
-def _dot_fp32(images: Tensor) -> bool:
-    """bfloat16 under the interpreter (CPU tensors), which mishandles two bfloat16 operations:
-    its tl.dot multiplies bfloat16's raw uint16 storage, and its float32 -> bfloat16 cast
-    truncates instead of rounding to nearest even. There the kernels upcast the dot operands to
-    float32 (bfloat16 products are exact in float32: the same math) and write float32 results
-    that the launcher rounds to bfloat16 with PyTorch, as a GPU's cast would. Never on a GPU."""
-    return images.device.type == "cpu" and images.dtype == torch.bfloat16
-
-
-def _store_dtype(images: Tensor, dtype: torch.dtype) -> torch.dtype:
-    """dtype the kernels write an output of ``dtype`` in (see _dot_fp32)."""
-    return torch.float32 if _dot_fp32(images) and dtype == torch.bfloat16 else dtype
-
-
-def _finish(t: Tensor, dtype: torch.dtype) -> Tensor:
-    return t if t.dtype == dtype else t.to(dtype)
 
 
 def _pow2_at_least_16(n: int, cap: int) -> int:
@@ -341,27 +347,35 @@ def _dims(images: Tensor, weight: Tensor) -> Tuple[int, ...]:
 # launchers (the backend contract of crossvit_kernels.backends.base; inputs validated by the op)
 # ---------------------------------------------------------------------------------------------
 
+def _padded(pw: int) -> int:
+    """PW rounded up to a power of two (the padded patch-row width of _patch_cols)."""
+    return triton.next_power_of_2(pw)
+
+
 def patch_embed_forward(images: Tensor, weight: Tensor, bias: Optional[Tensor], pos_embed: Tensor,
                         cls_token: Tensor) -> Tensor:
-    """(B, 1 + P, C) in the images' dtype; see ``crossvit_kernels.backends.pytorch``."""
+    """(B, 1 + P, C) in the images' dtype, one launch; see ``crossvit_kernels.backends.pytorch``."""
     B, Cin, H, W, C, ph, pw = _dims(images, weight)
     GH, GW = H // ph, W // pw
-    P, K, M = GH * GW, Cin * ph * pw, B * GH * GW
-    w2 = weight.reshape(C, K).contiguous()
-    b1 = bias.contiguous() if bias is not None else w2  # any valid pointer when there is no bias
-    out = torch.empty((B, 1 + P, C), device=images.device, dtype=_store_dtype(images, images.dtype))
+    pwp = _padded(pw)
+    P, K, KP, M = GH * GW, Cin * ph * pw, Cin * ph * pwp, B * GH * GW
+    w2 = weight.reshape(C, K)
+    if not w2.is_contiguous():
+        w2 = w2.contiguous()
+    b1 = bias if bias is not None else w2  # any valid pointer when there is no bias
+    out = _empty((B, 1 + P, C), images.dtype, images.device)
     _, acc_tl = _acc_dtypes(images.dtype)
-    BM, BN, BK, warps, stages = _gemm_config(M, C, K, images.dtype, _large_tiles(images))
+    BM, BN, BK, warps, stages = _gemm_config(M, C, KP, images.dtype, _large_tiles(images))
+    BK = max(BK, pwp)
     grid = (triton.cdiv(M, BM) * triton.cdiv(C, BN),)
     with _device_ctx(images):
         _patch_embed_fwd_kernel[grid](
             images, w2, b1, pos_embed, cls_token, out,
-            M, P, GW, C, K,
+            M, P, GW, C, K, KP,
             *images.stride(), *pos_embed.stride(), cls_token.stride(0),
-            HAS_BIAS=bias is not None, PH=ph, PW=pw, BLOCK_M=BM, BLOCK_N=BN, BLOCK_K=BK,
-            ACC_DTYPE=acc_tl, INPUT_PRECISION=_input_precision(images.dtype), DOT_FP32=_dot_fp32(images),
-            num_warps=warps, num_stages=stages)
-    return _finish(out, images.dtype)
+            HAS_BIAS=bias is not None, PH=ph, PW=pw, PWP=pwp, BLOCK_M=BM, BLOCK_N=BN, BLOCK_K=BK,
+            ACC_DTYPE=acc_tl, INPUT_PRECISION=_input_precision(images.dtype), num_warps=warps, num_stages=stages)
+    return out
 
 
 #: Rows of the d_weight reduction handled by one program at least (fewer partial buffers).
@@ -377,69 +391,67 @@ def _dw_splits(M: int, tiles: int, BLOCK_M: int) -> Tuple[int, int]:
     return rows, triton.cdiv(M, rows)
 
 
-def _sum_partials(part: Tensor, out_dtype: torch.dtype) -> Tensor:
-    """Sum (S, N) partials over S in a fixed order into (N,) of ``out_dtype``."""
-    S, N = part.shape
-    out = torch.empty((N,), device=part.device, dtype=out_dtype)
-    BLOCK = 1024
-    _, acc_tl = _acc_dtypes(part.dtype)
-    with _device_ctx(part):
-        _sum_partials_kernel[(triton.cdiv(N, BLOCK),)](part, out, S, N, BLOCK=BLOCK, ACC_DTYPE=acc_tl, num_warps=4)
-    return out
+def _empty(shape, dtype: torch.dtype, device: torch.device) -> Tensor:
+    """Every buffer the launchers allocate comes from here (tests poison them through this hook)."""
+    return torch.empty(shape, dtype=dtype, device=device)
 
 
 def patch_embed_backward(grad_out: Tensor, images: Tensor, weight: Tensor, has_bias: bool,
                          needs_images_grad: bool):
-    """(d_images | None, d_weight, d_bias | None, d_pos_embed, d_cls_token); see backends.pytorch."""
+    """(d_images | None, d_weight, d_bias | None, d_pos_embed, d_cls_token), in at most two
+    launches: a job table of the d_weight tiles (split over the rows), the d_images tiles and the
+    d_pos / d_cls / d_bias-partial tiles; then, when the rows or the tokens were split, the fixed-
+    order sums of the partials. See backends.pytorch."""
     B, Cin, H, W, C, ph, pw = _dims(images, weight)
     GH, GW = H // ph, W // pw
-    P, K, M = GH * GW, Cin * ph * pw, B * GH * GW
+    pwp = _padded(pw)
+    P, K, KP, M = GH * GW, Cin * ph * pw, Cin * ph * pwp, B * GH * GW
     T = 1 + P
     acc_torch, acc_tl = _acc_dtypes(images.dtype)
     precision = _input_precision(images.dtype)
-    dot_fp32 = _dot_fp32(images)
     large = _large_tiles(images)
     dev = images.device
     sg = grad_out.stride()
+    w2 = weight.reshape(C, K)
+    if not w2.is_contiguous():
+        w2 = w2.contiguous()
 
+    # d_weight: (C, K) = g^T (C x M) @ patches (M x K), split over M into fixed partials
+    WM, WN, WK, warps_w, stages_w = _gemm_config(M, C, KP, images.dtype, large)
+    WK = max(WK, pwp)
+    dw_tiles = triton.cdiv(C, WN) * triton.cdiv(KP, WK)
+    rows_per_split, splits = _dw_splits(M, dw_tiles, WM)
+    d_weight = _empty((C, Cin, ph, pw), weight.dtype, dev)
+    dw_part = d_weight if splits == 1 else _empty((splits, C, K), acc_torch, dev)
+    # d_images: (M, K) = g (M x C) @ W (C x K)
+    XM, XK, XN, warps_x, stages_x = _gemm_config(M, KP, C, images.dtype, large)
+    XK = max(XK, pwp)
+    dx_tiles = triton.cdiv(M, XM) * triton.cdiv(KP, XK) if needs_images_grad else 0
+    d_images = _empty((B, Cin, H, W), images.dtype, dev) if needs_images_grad else None
+    di = d_images if d_images is not None else images
+    # d_pos, d_cls, d_bias
+    BT, BPN = _pos_config(T, C, large)
+    t_tiles = triton.cdiv(T, BT)
+    d_pos = _empty((T, C), weight.dtype, dev)
+    d_cls = _empty((C,), weight.dtype, dev)
+    d_bias = _empty((C,), weight.dtype, dev) if has_bias else None
+    bias_part = (d_bias if t_tiles == 1 and has_bias else _empty((t_tiles, C), acc_torch, dev))
+    pos_tiles = t_tiles * triton.cdiv(C, BPN)
+    warps = max(warps_w, warps_x if needs_images_grad else 4)
     with _device_ctx(images):
-        # d_pos (and d_cls, d_bias from it): sums over the batch, in batch order.
-        BT, BN = _pos_config(T, C, large)
-        t_tiles = triton.cdiv(T, BT)
-        store = _store_dtype(images, weight.dtype)
-        d_pos = torch.empty((T, C), device=dev, dtype=store)
-        bias_part = torch.empty((t_tiles, C), device=dev, dtype=acc_torch)
-        _patch_embed_bwd_pos_kernel[(t_tiles * triton.cdiv(C, BN),)](
-            grad_out, d_pos, bias_part, B, T, C, *sg,
-            BLOCK_T=BT, BLOCK_N=BN, ACC_DTYPE=acc_tl, num_warps=4)
-        d_pos = _finish(d_pos, weight.dtype)
-        d_cls = d_pos[0].clone()
-        d_bias = _finish(_sum_partials(bias_part, store), weight.dtype) if has_bias else None
-
-        # d_weight: (C, K) = g^T (C x M) @ patches (M x K), split over M into fixed partials.
-        BM, BN, BK, warps, stages = _gemm_config(M, C, K, images.dtype, large)
-        tiles = triton.cdiv(C, BN) * triton.cdiv(K, BK)
-        rows_per_split, splits = _dw_splits(M, tiles, BM)
-        part = torch.empty((splits, C, K), device=dev, dtype=store if splits == 1 else acc_torch)
-        _patch_embed_bwd_dw_kernel[(tiles, splits)](
-            grad_out, images, part, M, P, GW, C, K, rows_per_split,
-            *sg, *images.stride(),
-            PH=ph, PW=pw, BLOCK_M=BM, BLOCK_N=BN, BLOCK_K=BK,
-            ACC_DTYPE=acc_tl, INPUT_PRECISION=precision, DOT_FP32=dot_fp32, num_warps=warps, num_stages=stages)
-        if splits == 1:
-            d_weight = _finish(part.reshape(C, Cin, ph, pw), weight.dtype)
-        else:
-            d_weight = _finish(_sum_partials(part.reshape(splits, C * K), store), weight.dtype).reshape(C, Cin, ph, pw)
-
-        d_images = None
-        if needs_images_grad:
-            w2 = weight.reshape(C, K).contiguous()
-            d_images = torch.empty((B, Cin, H, W), device=dev, dtype=_store_dtype(images, images.dtype))
-            BM, BN, BK, warps, stages = _gemm_config(M, K, C, images.dtype, large)
-            _patch_embed_bwd_dx_kernel[(triton.cdiv(M, BM) * triton.cdiv(K, BN),)](
-                grad_out, w2, d_images, M, P, GW, C, K,
-                *sg, *d_images.stride(),
-                PH=ph, PW=pw, BLOCK_M=BM, BLOCK_N=BK, BLOCK_K=BN,
-                ACC_DTYPE=acc_tl, INPUT_PRECISION=precision, DOT_FP32=dot_fp32, num_warps=warps, num_stages=stages)
-            d_images = _finish(d_images, images.dtype)
+        _patch_embed_bwd_kernel[(dw_tiles * splits + dx_tiles + pos_tiles,)](
+            grad_out, images, w2, dw_part, di, d_pos, d_cls, bias_part,
+            B, T, M, P, GW, C, K, KP, rows_per_split, dw_tiles * splits, dx_tiles,
+            *sg, *images.stride(), *di.stride(),
+            PH=ph, PW=pw, PWP=pwp, WM=WM, WN=WN, WK=WK, XM=XM, XN=XN, XK=XK, BLOCK_T=BT, BLOCK_PN=BPN,
+            ACC_DTYPE=acc_tl, INPUT_PRECISION=precision, num_warps=warps, num_stages=min(stages_w, stages_x))
+        finish_w = splits > 1
+        finish_b = has_bias and t_tiles > 1
+        if finish_w or finish_b:
+            BLOCK = 1024
+            n_w = triton.cdiv(C * K, BLOCK) if finish_w else 0
+            n_b = triton.cdiv(C, BLOCK) if finish_b else 0
+            _patch_embed_bwd_finish_kernel[(n_w + n_b,)](
+                dw_part, d_weight, bias_part, d_bias if d_bias is not None else d_cls,
+                splits, C * K, t_tiles, C, n_w, BLOCK=BLOCK, ACC_DTYPE=acc_tl, num_warps=4)
     return d_images, d_weight, d_bias, d_pos, d_cls
