@@ -49,7 +49,7 @@ def fusion_stage(x0: Tensor, x1: Tensor, params: Sequence[Optional[Tensor]], hea
     _validate(x0, x1, params, heads, eps, backend)
     heads, eps = [int(h) for h in heads], [float(e) for e in eps]
     name = _stage_backend(backend, x0)
-    if name is None or _as_aten():
+    if name is None or traced_as_aten():
         return fusion_stage_reference(x0, x1, params, heads, eps)
     present = [p for p in params if p is not None]
     layout = heads + [int(p is not None) for p in params]
@@ -59,14 +59,6 @@ def fusion_stage(x0: Tensor, x1: Tensor, params: Sequence[Optional[Tensor]], hea
         return list(FusionStageFunction.apply(x0, x1, layout, eps, name, *present)[:2])
     with torch.no_grad():
         return _backends.get_backend(name).fusion_stage_forward(x0, x1, params, heads, eps)[:2]
-
-
-def _as_aten() -> bool:
-    """traced_as_aten, except under torch.compile / export (where the functorch interpreter stack
-    is not empty while dynamo traces, yet the registered op is what the graph should hold)."""
-    if torch.compiler.is_compiling():
-        return torch.onnx.is_in_onnx_export()
-    return traced_as_aten()
 
 
 def _stage_backend(backend: Optional[str], x0: Tensor) -> Optional[str]:
@@ -314,7 +306,7 @@ def fuse_modules(projs: Sequence[nn.Module], fusion: Sequence[nn.Module], revert
     configuration it does not cover (fusion depth > 0, dropout or drop path active, a hand-set
     scale, other norms or activations), mixed dtypes or devices, autocast, ONNX export or
     torch.func transforms, or no backend that declares the stage for the inputs."""
-    if len(xs) != 2 or len(projs) != 2 or len(fusion) != 2 or len(revert_projs) != 2 or _as_aten():
+    if len(xs) != 2 or len(projs) != 2 or len(fusion) != 2 or len(revert_projs) != 2 or traced_as_aten():
         return None
     x0, x1 = xs
     if not (isinstance(x0, Tensor) and isinstance(x1, Tensor) and x0.dim() == 3 and x1.dim() == 3
