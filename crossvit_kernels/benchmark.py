@@ -13,9 +13,12 @@ noisy machine slows all of them alike (CUDA: events, each step started on an idl
 
     timm           timm eager (the baseline every speedup is measured against)
     timm+compile   torch.compile(timm model)                               (--compile)
+    timm+ort       timm's ONNX export run by onnxruntime                   (float32 CPU inference)
     patched        timm model after crossvit_kernels.patch_timm()
     ours           crossvit_kernels.create_model(name) with timm's weights
     ours+compile   torch.compile(ours)                                     (--compile)
+    ours+ort       our model's ONNX export run by onnxruntime              (float32 CPU inference)
+    ours+ckpt      ours with set_grad_checkpointing(True)                  (training)
     deit_small     timm's deit_small_patch16_224 (224 px), the efficiency yardstick (--yardstick)
 
 Inference steps run under ``torch.no_grad()`` in eval mode (as in timm's benchmark); a training step is forward,
@@ -26,7 +29,14 @@ image; a training step counts three times the forward) and the effective GMAC/s 
 the measured speed, plus device, dtype, threads, backend, versions and commit on every row
 (:func:`crossvit_kernels.info.environment`). The process CPU time per step (``cpu_ms_median``) is
 recorded too: on a machine shared with other jobs it is far steadier than the wall-clock time (it
-still counts the worker threads' spin-waiting).
+still counts the worker threads' spin-waiting). A training step also reports the activation
+memory its forward keeps for the backward (``act_mem_mib``: :func:`saved_activation_bytes`).
+
+The onnxruntime variants export the eval-mode model at the benchmark's batch size with
+``torch.onnx.export`` (``--onnx-exporter``: ``dynamo``, torch's default, or ``torchscript``) and run
+it on onnxruntime's CPU provider with the torch thread count as its intra-op threads, spinning
+off (idle worker threads sleep, as suits a shared machine). They need the onnxruntime package
+(and onnxscript for the dynamo exporter), which the package itself does not depend on.
 """
 from __future__ import annotations
 
@@ -40,7 +50,8 @@ import math
 import os
 import sys
 import time
-from typing import Dict, List, Optional
+import warnings
+from typing import Dict, List, Optional, Union
 
 import torch
 import torch.nn as nn
@@ -56,7 +67,10 @@ PRECISIONS = {"fp32": torch.float32, "float32": torch.float32, "bf16": torch.bfl
 AMP = {"amp_bf16": torch.bfloat16, "amp_fp16": torch.float16}
 #: max |logits - timm eager logits| allowed, relative to max(1, max |timm logits|)
 CHECK_TOL = {torch.float32: 1e-3, torch.bfloat16: 1e-1, torch.float16: 5e-2}
-VARIANTS = ("timm", "timm+compile", "patched", "ours", "ours+compile", "deit_small")
+VARIANTS = ("timm", "timm+compile", "timm+ort", "patched", "ours", "ours+compile", "ours+ort", "ours+ckpt",
+            "deit_small")
+ORT_VARIANTS = ("timm+ort", "ours+ort")
+EXPORTERS = ("dynamo", "torchscript")
 YARDSTICK = "deit_small_patch16_224"
 
 
@@ -75,6 +89,9 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     p.add_argument("--no-compile", dest="compile", action="store_false")
     p.add_argument("--compile-mode", default=None,
                    help="torch.compile mode, e.g. reduce-overhead or max-autotune (default: torch's default)")
+    p.add_argument("--onnx-exporter", choices=EXPORTERS, default="dynamo",
+                   help="torch.onnx.export route of the onnxruntime variants: dynamo (torch.onnx.export(dynamo=True), "
+                        "the default) or torchscript (dynamo=False)")
     p.add_argument("--channels-last", action="store_true", help="channels_last images and model")
     p.add_argument("--device", default=None, help="cuda, cuda:1 or cpu (default: cuda when available)")
     p.add_argument("--num-warm-iter", type=int, default=3)
@@ -167,6 +184,12 @@ class _Runner:
         with self._autocast():
             self._step()
 
+    def activation_bytes(self) -> int:
+        """:func:`saved_activation_bytes` of one training step's forward."""
+        with self._autocast():
+            return saved_activation_bytes(self.fn, self.model, self.images,
+                                          lambda out: self.loss(out.float(), self.target))
+
     def _step(self) -> None:
         if self.train:
             self.opt.zero_grad(set_to_none=True)
@@ -176,6 +199,66 @@ class _Runner:
         else:
             with torch.no_grad():   # as timm's benchmark does
                 self.fn(self.images)
+
+
+def saved_activation_bytes(fn, model: nn.Module, images: torch.Tensor, loss) -> int:
+    """The activation memory a training step keeps for its backward: bytes of the distinct storages
+    of the tensors its forward (``loss(fn(images))``) saves for the backward, as
+    ``torch.autograd.graph.saved_tensors_hooks`` sees them (a view counts its whole storage, once;
+    the parameters, buffers and images are not activations and are left out). Under
+    ``torch.utils.checkpoint`` a checkpointed region's inputs count, its recomputed insides do not."""
+    skip = {t.untyped_storage().data_ptr() for t in (*model.parameters(), *model.buffers(), images)}
+    kept: Dict[int, int] = {}
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        storage = t.untyped_storage()
+        if storage.data_ptr() not in skip:
+            kept[storage.data_ptr()] = storage.nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        loss(fn(images))
+    return sum(kept.values())
+
+
+def ort_unavailable(exporter: str) -> Optional[str]:
+    """None when onnxruntime (and the exporter's own dependency) can be imported, else why not."""
+    import importlib.util
+    need = ["onnxruntime", "onnx"] + (["onnxscript"] if exporter == "dynamo" else [])
+    missing = [m for m in need if importlib.util.find_spec(m) is None]
+    return f"{', '.join(missing)} not installed (pip install {' '.join(missing)})" if missing else None
+
+
+class _OrtRunner:
+    """An onnxruntime variant: ``model`` exported to ONNX (eval mode, at the images' batch size)
+    and run on onnxruntime's CPU provider with ``threads`` intra-op threads, spinning off."""
+
+    def __init__(self, name: str, model: nn.Module, images: torch.Tensor, threads: int, exporter: str):
+        import tempfile
+
+        import onnxruntime as ort
+        self.name, self.model, self.images = name, model.eval(), images
+        with tempfile.TemporaryDirectory() as tmp:
+            path = os.path.join(tmp, "model.onnx")
+            kw = dict(dynamo=True, verbose=False) if exporter == "dynamo" else dict(dynamo=False)
+            try:
+                with torch.no_grad(), warnings.catch_warnings():
+                    warnings.simplefilter("ignore")   # the exporters' deprecation and tracer warnings
+                    torch.onnx.export(model, (images,), path, input_names=["images"], **kw)
+            except Exception as exc:
+                raise RuntimeError(f"{name}: torch.onnx.export(dynamo={exporter == 'dynamo'}) failed: {exc}") from exc
+            so = ort.SessionOptions()
+            so.intra_op_num_threads = threads
+            so.inter_op_num_threads = 1
+            so.add_session_config_entry("session.intra_op.allow_spinning", "0")
+            self.session = ort.InferenceSession(path, so, providers=["CPUExecutionProvider"])
+        self.feed = {self.session.get_inputs()[0].name: images.contiguous().numpy()}
+
+    def logits(self) -> torch.Tensor:
+        return torch.from_numpy(self.session.run(None, self.feed)[0])
+
+    def step(self) -> None:
+        self.session.run(None, self.feed)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -206,6 +289,18 @@ def run(args: argparse.Namespace) -> List[Dict[str, object]]:
     if not args.yardstick:
         wanted.discard("deit_small")
     benches = ["inference", "train"] if args.bench == "both" else [args.bench]
+    ort_wanted = [v for v in ORT_VARIANTS if v in wanted]
+    if ort_wanted:
+        why = (ort_unavailable(args.onnx_exporter) if device.type == "cpu" and args.precision in ("fp32", "float32")
+               else "they run float32 models on the CPU")
+        if why is None and "inference" not in benches:
+            why = "they time inference"
+        if why is not None:
+            say(f"skipping {', '.join(ort_wanted)}: {why}")
+            wanted -= set(ORT_VARIANTS)
+    if "ours+ckpt" in wanted and "train" not in benches:
+        say("skipping ours+ckpt: activation checkpointing changes training steps only")
+        wanted.discard("ours+ckpt")
     memfmt = torch.channels_last if args.channels_last else torch.contiguous_format
     try:
         xattn_backend = _backends.resolve_backend("cross_attention", args.backend, device, dtype)
@@ -250,8 +345,9 @@ def run(args: argparse.Namespace) -> List[Dict[str, object]]:
 
         for bench in benches:
             train = bench == "train"
-            say(f"[{name}] {bench}: preparing {', '.join(v for v in VARIANTS if v in wanted)}")
-            runners: List[_Runner] = []
+            here = wanted - ({*ORT_VARIANTS} if train else {"ours+ckpt"})
+            say(f"[{name}] {bench}: preparing {', '.join(v for v in VARIANTS if v in here)}")
+            runners: List[Union[_Runner, _OrtRunner]] = []
 
             def fresh_timm() -> nn.Module:
                 m = timm.create_model(name)
@@ -259,22 +355,34 @@ def run(args: argparse.Namespace) -> List[Dict[str, object]]:
                 return prepare(m)
 
             runners.append(Runner("timm", fresh_timm(), images, train, tm.num_classes))
-            if "timm+compile" in wanted:
+            if "timm+compile" in here:
                 runners.append(Runner("timm+compile", fresh_timm(), images, train, tm.num_classes, True,
                                        args.compile_mode))
-            if "patched" in wanted:
+            if "timm+ort" in here:
+                say(f"[{name}] exporting timm's model to ONNX ({args.onnx_exporter})")
+                runners.append(_OrtRunner("timm+ort", fresh_timm(), images, torch.get_num_threads(),
+                                          args.onnx_exporter))
+            if "patched" in here:
                 runners.append(Runner("patched", ck.patch_timm(fresh_timm(), backend=args.backend), images, train,
                                        tm.num_classes))
-            if "ours" in wanted or "ours+compile" in wanted:
+            if here & {"ours", "ours+compile", "ours+ort", "ours+ckpt"}:
                 def fresh_ours() -> nn.Module:
                     m = ck.create_model(name, backend=args.backend)
                     m.load_state_dict(base_sd)
                     return prepare(m)
-                if "ours" in wanted:
+                if "ours" in here:
                     runners.append(Runner("ours", fresh_ours(), images, train, tm.num_classes))
-                if "ours+compile" in wanted:
+                if "ours+compile" in here:
                     runners.append(Runner("ours+compile", fresh_ours(), images, train, tm.num_classes, True,
                                            args.compile_mode))
+                if "ours+ort" in here:
+                    say(f"[{name}] exporting our model to ONNX ({args.onnx_exporter})")
+                    runners.append(_OrtRunner("ours+ort", fresh_ours(), images, torch.get_num_threads(),
+                                              args.onnx_exporter))
+                if "ours+ckpt" in here:
+                    m = fresh_ours()
+                    m.set_grad_checkpointing(True)
+                    runners.append(Runner("ours+ckpt", m, images, train, tm.num_classes))
             if deit is not None:
                 d = copy.deepcopy(deit)
                 runners.append(Runner("deit_small", prepare(d), deit_images, train, d.num_classes))
@@ -294,6 +402,12 @@ def run(args: argparse.Namespace) -> List[Dict[str, object]]:
                         + (f", first call {time.perf_counter() - t0:.1f} s" if "compile" in r.name else ""))
             for r in runners:   # restore train/eval mode after the checks
                 r.model.train(train)
+            act_mib: Dict[str, float] = {}
+            if train:
+                say(f"[{name}] train: activation memory kept for the backward")
+                for r in runners:
+                    act_mib[r.name] = r.activation_bytes() / 2 ** 20
+                    say(f"    {r.name:13s} {act_mib[r.name]:.1f} MiB")
 
             def progress(stage, i, n, name=name, bench=bench):
                 say(f"\r[{name}] {bench}: {stage} {i}/{n}", end="\n" if i == n else "")
@@ -315,7 +429,9 @@ def run(args: argparse.Namespace) -> List[Dict[str, object]]:
                     gmac_per_img=gmac, gmac_per_s=gmac * args.batch_size / med,
                     check_max_rel_diff=float("nan") if diff is None else diff,
                     check_ok="" if diff is None else bool(diff <= check_tol),
-                    compiled="compile" in r.name, num_bench_iter=args.num_bench_iter, **common))
+                    act_mem_mib=act_mib.get(r.name, float("nan")),
+                    compiled="compile" in r.name, onnx_exporter=args.onnx_exporter if r.name in ORT_VARIANTS else "",
+                    num_bench_iter=args.num_bench_iter, **common))
             _print_table([r for r in rows if r["bench"] == bench and r["model"] in (name, YARDSTICK)][-len(runners):])
     if args.results_file:
         _write(rows, args.results_file)
@@ -329,8 +445,9 @@ def _print_table(rows: List[Dict[str, object]]) -> None:
     r0 = rows[0]
     print(f"\n{r0['model']}  {r0['bench']}  batch {r0['batch_size']}  {r0['dtype']}  {r0['device_name']}  "
           f"backend {r0['backend']}  torch {r0['torch']}  timm {r0['timm']}")
+    train = r0["bench"] == "train"
     head = f"{'variant':14s} {'img/s':>9s} {'step ms (median)':>17s} {'p25-p75':>17s} {'speedup':>8s} " \
-           f"{'GMAC/img':>9s} {'GMAC/s':>8s} {'check':>10s}"
+           f"{'GMAC/img':>9s} {'GMAC/s':>8s} {'check':>10s}" + (f" {'act MiB':>9s}" if train else "")
     print(head)
     print("-" * len(head))
     for r in rows:
@@ -338,7 +455,8 @@ def _print_table(rows: List[Dict[str, object]]) -> None:
         chk = "" if r["check_ok"] == "" else (f"{r['check_max_rel_diff']:.1e}" + ("" if r["check_ok"] else "!"))
         spread = f"{r['step_ms_p25']:.1f}-{r['step_ms_p75']:.1f}"
         print(f"{r['variant']:14s} {r['img_per_s']:9.1f} {r['step_ms_median']:17.2f} {spread:>17s} {sp:>8s} "
-              f"{r['gmac_per_img']:9.3f} {r['gmac_per_s']:8.1f} {chk:>10s}")
+              f"{r['gmac_per_img']:9.3f} {r['gmac_per_s']:8.1f} {chk:>10s}"
+              + (f" {r['act_mem_mib']:9.1f}" if train else ""))
     sys.stdout.flush()
 
 

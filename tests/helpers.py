@@ -10,6 +10,7 @@ The acceptance criterion (flash-attention style), stated once:
 """
 from __future__ import annotations
 
+import copy
 import importlib.util
 import os
 from typing import Dict, Optional
@@ -196,3 +197,62 @@ def run_cross_attention(inputs, backend, grad_out: Optional[torch.Tensor] = None
             assert not bool(full[:, 0].any()), "gradient leaked into row 0 of the branch (not an input)"
             grads["x_tokens"] = full[:, 1:]
     return out, grads
+
+
+# ---------------------------------------------------------------------------------------------
+# a tiny CrossViT with timm's weights, ours or patched (the drop-in and ONNX tests)
+# ---------------------------------------------------------------------------------------------
+
+TINY_ARGS = dict(img_size=48, img_scale=(1.0, 1.0), patch_size=(12, 16), embed_dim=(24, 48), depth=((1, 1, 0),),
+                 num_heads=(2, 4), mlp_ratio=(2.0, 2.0, 1.0), num_classes=5)
+
+
+def tiny_config(kw):
+    cfg = dict(TINY_ARGS, **kw)
+    if kw.get("multi_conv") and "img_scale" not in kw:
+        cfg["img_scale"] = (1.0, 2 / 3)
+    return cfg
+
+
+def tiny_timm(**kw):
+    """A one-block timm CrossVit at 48 px (4x4 and 3x3 patch grids) with non-trivial LayerNorm
+    affines and biases. The dagger configuration also resizes the second branch's input (to 32 px,
+    a 2x2 grid), as the 240 and 408 px variants do."""
+    import torch.nn as nn
+    from timm.models import crossvit as tc
+    torch.manual_seed(0)
+    m = tc.CrossVit(**tiny_config(kw))
+    with torch.no_grad():
+        for mod in m.modules():
+            if isinstance(mod, nn.LayerNorm):
+                mod.weight.add_(0.1 * torch.randn_like(mod.weight))
+                mod.bias.add_(0.1 * torch.randn_like(mod.bias))
+            elif isinstance(mod, nn.Linear) and mod.bias is not None:
+                mod.bias.add_(0.02 * torch.randn_like(mod.bias))
+    return m
+
+
+def tiny_pair(which, **kw):
+    """(timm model, the same weights as ``which``: patched timm or ours)."""
+    import crossvit_kernels as ck
+    ref = tiny_timm(**kw)
+    if which == "patched":
+        return ref, ck.patch_timm(copy.deepcopy(ref))
+    m = ck.CrossViT(**tiny_config(kw))
+    m.load_state_dict(ref.state_dict())
+    return ref, m
+
+
+def tiny_images(b=3, requires_grad=False):
+    g = torch.Generator().manual_seed(1)
+    return torch.randn(b, 3, 48, 48, generator=g).requires_grad_(requires_grad)
+
+
+def assert_timm_logits(y, ref, x, name="logits"):
+    """``y`` (from the model under test) against timm's float32 and float64 logits on ``x``: "timm's
+    numbers", an error against the float64 model at most 2x timm's own float32 error (plus a floor)."""
+    with torch.no_grad():
+        y32 = ref(x)
+        y64 = copy.deepcopy(ref).double()(x.double())
+    e, e_ref = max_err(y, y64), max_err(y32, y64)
+    assert e <= 2 * e_ref + 1e-6 * max(1.0, float(y64.abs().max())), f"{name}: error {e:.3g} vs timm's {e_ref:.3g}"

@@ -14,20 +14,27 @@ from crossvit_kernels import benchmark  # noqa: E402
 
 ROW_KEYS = {"model", "variant", "bench", "img_per_s", "step_ms_median", "step_ms_p25", "step_ms_p75", "step_ms_min",
             "speedup_vs_timm", "gmac_per_img", "gmac_per_s", "check_max_rel_diff", "check_ok", "device", "device_name",
-            "dtype", "batch_size", "threads", "backend", "torch", "timm", "crossvit_kernels", "cpu_ms_median"}
+            "dtype", "batch_size", "threads", "backend", "torch", "timm", "crossvit_kernels", "cpu_ms_median",
+            "act_mem_mib", "onnx_exporter"}
 
 
 def test_cli_inference_and_train_writes_csv(tmp_path, capsys):
     out = tmp_path / "res.csv"
     rc = benchmark.main(["--model", "crossvit_tiny_240", "--bench", "both", "--batch-size", "1", "--num-warm-iter",
                          "0", "--num-bench-iter", "1", "--device", "cpu", "--no-yardstick",
-                         "--variants", "timm,patched,ours", "--results-file", str(out), "--quiet"])
+                         "--variants", "timm,patched,ours,ours+ckpt", "--results-file", str(out), "--quiet"])
     assert rc == 0
     rows = list(csv.DictReader(open(out)))
     assert [(r["bench"], r["variant"]) for r in rows] == [
         ("inference", "timm"), ("inference", "patched"), ("inference", "ours"),
-        ("train", "timm"), ("train", "patched"), ("train", "ours")]
+        ("train", "timm"), ("train", "patched"), ("train", "ours"), ("train", "ours+ckpt")]
     assert ROW_KEYS <= set(rows[0])
+    # the activation memory a training step keeps for the backward: ours keeps no keys and values
+    # of the fusion; with every encoder block checkpointed, only the blocks' inputs remain
+    act = {r["variant"]: float(r["act_mem_mib"]) for r in rows if r["bench"] == "train"}
+    assert 0 < act["ours"] == act["patched"] < act["timm"]
+    assert 0 < act["ours+ckpt"] < act["ours"] / 4
+    assert all(math.isnan(float(r["act_mem_mib"])) for r in rows if r["bench"] == "inference")
     for r in rows:
         assert r["model"] == "crossvit_tiny_240" and r["device"] == "cpu" and r["dtype"] == "float32"
         assert float(r["img_per_s"]) > 0 and float(r["step_ms_median"]) > 0
@@ -97,3 +104,33 @@ def test_defaults_follow_timm():
     assert a.batch_size == 64 and a.bench == "inference" and a.precision == "fp32" and a.compile is None
     assert benchmark.parse_args(["--compile"]).compile is True
     assert benchmark.parse_args(["--no-compile"]).compile is False
+
+
+def test_cli_onnxruntime_variants(tmp_path):
+    """timm's and our ONNX exports run by onnxruntime, checked against timm eager like the others."""
+    pytest.importorskip("onnxruntime", reason="the onnxruntime variants need onnxruntime (requirements-dev.txt)")
+    out = tmp_path / "res.json"
+    rc = benchmark.main(["--model", "crossvit_tiny_240", "--batch-size", "2", "--num-warm-iter", "0",
+                         "--num-bench-iter", "1", "--device", "cpu", "--no-yardstick", "--threads", "1",
+                         "--variants", "timm,timm+ort,ours,ours+ort", "--onnx-exporter", "torchscript",
+                         "--results-file", str(out), "--quiet"])
+    assert rc == 0
+    rows = json.loads(out.read_text())
+    assert [r["variant"] for r in rows] == ["timm", "timm+ort", "ours", "ours+ort"]
+    for r in rows[1:]:
+        assert r["check_ok"] is True and r["check_max_rel_diff"] < 1e-4
+    assert [r["onnx_exporter"] for r in rows] == ["", "torchscript", "", "torchscript"]
+
+
+@pytest.mark.parametrize("argv,skipped", [
+    (["--precision", "bf16"], "skipping timm+ort, ours+ort: they run float32 models on the CPU"),
+    (["--bench", "train"], "skipping timm+ort, ours+ort"),
+], ids=["bf16", "train"])
+def test_cli_onnxruntime_variants_skipped_where_they_do_not_apply(argv, skipped, tmp_path, capsys):
+    out = tmp_path / "res.json"
+    rc = benchmark.main(["--model", "crossvit_tiny_240", "--batch-size", "1", "--num-warm-iter", "0",
+                         "--num-bench-iter", "1", "--device", "cpu", "--no-yardstick", "--threads", "1",
+                         "--variants", "timm,timm+ort,ours+ort", "--results-file", str(out), *argv])
+    assert rc == 0
+    assert [r["variant"] for r in json.loads(out.read_text())] == ["timm"]
+    assert skipped in capsys.readouterr().err

@@ -29,7 +29,12 @@ import crossvit_kernels as ck
 import crossvit_kernels.modules as ckm
 from crossvit_kernels.timm_patch import is_patched
 
+from helpers import TINY_ARGS as _ARGS
+from helpers import assert_timm_logits as _assert_logits
 from helpers import max_err
+from helpers import tiny_images as _x
+from helpers import tiny_timm as _timm
+from helpers import tiny_pair as _pair
 
 timm = pytest.importorskip("timm")
 tc = pytest.importorskip("timm.models.crossvit")
@@ -45,57 +50,6 @@ def _one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(n)
-_ARGS = dict(img_size=48, img_scale=(1.0, 1.0), patch_size=(12, 16), embed_dim=(24, 48), depth=((1, 1, 0),),
-             num_heads=(2, 4), mlp_ratio=(2.0, 2.0, 1.0), num_classes=5)
-
-
-def _config(kw):
-    cfg = dict(_ARGS, **kw)
-    if kw.get("multi_conv") and "img_scale" not in kw:
-        cfg["img_scale"] = (1.0, 2 / 3)
-    return cfg
-
-
-def _timm(**kw):
-    """A one-block timm CrossVit at 48 px (4x4 and 3x3 patch grids) with non-trivial LayerNorm
-    affines and biases. The dagger configuration also resizes the second branch's input (to 32 px,
-    a 2x2 grid), as the 240 and 408 px variants do."""
-    torch.manual_seed(0)
-    m = tc.CrossVit(**_config(kw))
-    with torch.no_grad():
-        for mod in m.modules():
-            if isinstance(mod, nn.LayerNorm):
-                mod.weight.add_(0.1 * torch.randn_like(mod.weight))
-                mod.bias.add_(0.1 * torch.randn_like(mod.bias))
-            elif isinstance(mod, nn.Linear) and mod.bias is not None:
-                mod.bias.add_(0.02 * torch.randn_like(mod.bias))
-    return m
-
-
-def _pair(which, **kw):
-    """(timm model, the same weights as ``which``: patched timm or ours)."""
-    ref = _timm(**kw)
-    if which == "patched":
-        return ref, ck.patch_timm(copy.deepcopy(ref))
-    m = ck.CrossViT(**_config(kw))
-    m.load_state_dict(ref.state_dict())
-    return ref, m
-
-
-def _x(b=3, requires_grad=False):
-    g = torch.Generator().manual_seed(1)
-    return torch.randn(b, 3, 48, 48, generator=g).requires_grad_(requires_grad)
-
-
-def _assert_logits(y, ref, x, name="logits"):
-    """``y`` (from the model under test) against timm's float32 and float64 logits on ``x``."""
-    with torch.no_grad():
-        y32 = ref(x)
-        y64 = copy.deepcopy(ref).double()(x.double())
-    e, e_ref = max_err(y, y64), max_err(y32, y64)
-    assert e <= 2 * e_ref + 1e-6 * max(1.0, float(y64.abs().max())), f"{name}: error {e:.3g} vs timm's {e_ref:.3g}"
-
-
 def _grads(model, x, loss=lambda y: (y * torch.linspace(-1, 1, y.shape[-1], dtype=y.dtype)).sum()):
     model.zero_grad(set_to_none=True)
     loss(model(x.to(next(model.parameters()).dtype))).backward()

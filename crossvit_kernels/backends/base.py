@@ -287,3 +287,42 @@ def _affine(t: Tensor, gamma: Optional[Tensor], beta: Optional[Tensor]) -> Tenso
     if beta is not None:
         return t + beta
     return t
+
+
+# ---------------------------------------------------------------------------------------------
+# the absorbed formulation as one graph of standard operators
+# ---------------------------------------------------------------------------------------------
+
+def absorbed_cross_attention(x_cls: Tensor, x_tokens: Tensor, norm_weight: Optional[Tensor],
+                             norm_bias: Optional[Tensor], wq: Tensor, bq: Optional[Tensor], wk: Tensor,
+                             wv: Tensor, bv: Optional[Tensor], wo: Tensor, bo: Optional[Tensor], num_heads: int,
+                             eps: float, residual: bool) -> Tensor:
+    """The whole cross-attention op (docs/design.md, section 2) as differentiable standard
+    operators, for the graphs that cannot hold the custom op: ONNX export and torch.func
+    transforms. Returns ``out`` alone.
+
+    Written for exported graphs: the tokens are normalised by one LayerNorm without affine (a
+    fused kernel in ONNX runtimes), the scores and the weighted sum are two batched matmuls over
+    them (the CLS row joins as one extra score, never concatenated with the tokens), and the key
+    scale and LayerNorm's gamma multiply the key weight, a constant a runtime folds. The width
+    comes from a weight (a parameter's shape is a constant under the TorchScript-based ONNX
+    exporter, an input's is traced) and the batch size is left to reshape's -1, so the graph
+    keeps a dynamic batch."""
+    acc = acc_dtype(x_cls.dtype)
+    x0, xt, gamma, beta, wq, bq, wk, wv, bv, wo, bo = _cast(acc, x_cls, x_tokens, norm_weight, norm_bias, wq, bq,
+                                                            wk, wv, bv, wo, bo)
+    C = wq.shape[1]
+    H = num_heads
+    d = C // H
+    xh0 = F.layer_norm(x0, (C,), None, None, eps)                                        # (B, C)
+    xht = F.layer_norm(xt, (C,), None, None, eps)                                        # (B, M, C)
+    q = F.linear(_affine(xh0, gamma, beta), wq, bq)                                      # (B, C)
+    wk_s = (wk * (gamma * d ** -0.5 if gamma is not None else d ** -0.5)).reshape(H, d, C)
+    w = torch.matmul(q.reshape(-1, H, 1, d), wk_s).reshape(-1, H, C)                     # (B, H, C)
+    s0 = (w * xh0.unsqueeze(1)).sum(-1, keepdim=True)                                    # (B, H, 1)
+    a = torch.softmax(torch.cat([s0, torch.matmul(w, xht.transpose(1, 2))], dim=-1), dim=-1)   # (B, H, 1 + M)
+    z = torch.matmul(a[..., 1:], xht) + a[..., :1] * xh0.unsqueeze(1)                   # (B, H, C)
+    # the value projection per head after the weighted sum: o_h = Wv_h (gamma * z_h + beta) + bv_h
+    o = torch.matmul(_affine(z, gamma, beta).unsqueeze(2), wv.reshape(H, d, C).transpose(1, 2)).reshape(-1, C)
+    out = F.linear(o if bv is None else o + bv, wo, bo)
+    return (out + x0 if residual else out).to(x_cls.dtype)

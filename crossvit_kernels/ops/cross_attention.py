@@ -13,7 +13,7 @@ from typing import List, Optional, Sequence, Tuple
 import torch
 
 from .. import backends as _backends
-from ..backends.base import FLOAT_DTYPES, acc_dtype
+from ..backends.base import FLOAT_DTYPES, absorbed_cross_attention, acc_dtype
 from ..backends.reference import ReferenceBackend
 from ._common import (autocast_device, check_backend_arg, check_same, check_tensor, plain_eager, promote_floats,
                       traced_as_aten)
@@ -109,8 +109,8 @@ def _cross_attention(x_cls, x_tokens, norm_weight, norm_bias, wq, bq, wk, bk, wv
                                                 bo, num_heads, eps, residual, attn_drop if training else 0.0)
     if traced_as_aten():
         # the absorbed formulation in standard, differentiable operators: no custom op in the graph
-        return _backends.get_backend("torch").cross_attention_forward(
-            x_cls, x_tokens, norm_weight, norm_bias, wq, bq, wk, wv, bv, wo, bo, num_heads, eps, residual)[0]
+        return absorbed_cross_attention(x_cls, x_tokens, norm_weight, norm_bias, wq, bq, wk, wv, bv, wo, bo, num_heads,
+                                        eps, residual)
     name = _backends.resolve_backend("cross_attention", name, x_cls.device, x_cls.dtype)
     args = (x_cls, x_tokens, norm_weight, norm_bias, wq, bq, wk, bk, wv, bv, wo, bo)
     if not plain_eager(args):
