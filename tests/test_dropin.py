@@ -578,6 +578,33 @@ def test_pretrained_true_from_offline_hf_cache(tmp_path):
     assert proc.returncode == 0 and proc.stdout.strip().endswith("ok"), proc.stdout + proc.stderr[-3000:]
 
 
+_COMPILE_FIRST_CHILD = r"""
+import sys, torch, crossvit_kernels as ck
+sys.path.insert(0, sys.argv[1])
+from helpers import tiny_images, tiny_pair
+ref, model = tiny_pair(sys.argv[2])
+x = tiny_images(2)
+compiled = torch.compile(model.eval(), fullgraph=True, backend="aot_eager")   # the process's first call
+with torch.no_grad():
+    y = compiled(x)
+    torch.testing.assert_close(y, model(x), rtol=1e-5, atol=1e-6)
+print("ok")
+"""
+
+
+@pytest.mark.parametrize("which", WHICH)
+def test_compile_fullgraph_as_first_call(which):
+    """torch.compile(fullgraph=True) traces the first call of a fresh process, where the backends
+    are not loaded yet (their loading takes a lock and an import, which Dynamo cannot trace): no
+    graph break, and the result is eager's."""
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(p for p in (os.path.dirname(os.path.dirname(ck.__file__)),
+                                                                   os.environ.get("PYTHONPATH")) if p))
+    env.pop("TRITON_INTERPRET", None)
+    proc = subprocess.run([sys.executable, "-c", _COMPILE_FIRST_CHILD, os.path.dirname(__file__), which],
+                          env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0 and proc.stdout.strip().endswith("ok"), proc.stdout + proc.stderr[-3000:]
+
+
 # ---------------------------------------------------------------------------------------------
 # still working: torch.export with a dynamic batch
 # ---------------------------------------------------------------------------------------------

@@ -156,10 +156,20 @@ def supports(name: str, op: str, device: Union[str, torch.device], dtype: torch.
     """None when backend ``name`` can run ``op`` on ``device`` tensors of ``dtype``, else the reason."""
     if op not in OPS:
         raise ValueError(f"unknown op {op!r}: choose one of {OPS}")
-    backend = _load(check_name(name, allow_auto=False))
-    if backend is None:
-        return _load_errors[name]
-    return backend.supports(op, torch.device(device), dtype)
+    name, device = check_name(name, allow_auto=False), torch.device(device)
+    if torch.compiler.is_compiling():
+        # Dynamo cannot follow the first load of a backend (a lock, an import): the answer is
+        # computed outside the trace and is a constant of the graph
+        return _supports_untraced(name, op, device, dtype)
+    return _supports(name, op, device, dtype)
+
+
+def _supports(name: str, op: str, device: torch.device, dtype: torch.dtype) -> Optional[str]:
+    backend = _load(name)
+    return _load_errors[name] if backend is None else backend.supports(op, device, dtype)
+
+
+_supports_untraced = torch.compiler.assume_constant_result(_supports)
 
 
 def available_backends() -> Dict[str, Union[bool, str]]:
