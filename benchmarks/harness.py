@@ -14,14 +14,19 @@ Conventions (stated once, used everywhere):
   input and parameter (nothing accumulates, so the call can be repeated and captured in a CUDA
   graph as it is).
 * Shapes come from :data:`crossvit_kernels.models.MODEL_CONFIGS` (read off meta-device models):
-  the fusion shapes (N, C, H) of every variant, N = 1 + the other branch's patches, and the
-  patch-embedding inputs (image, patch, C) of both branches.
+  the fusion shapes (N, C, H) of every variant, N = 1 + the other branch's patches, the
+  patch-embedding inputs (image, patch, C) of both branches, and the fusion-stage geometries
+  (N0, C0, N1, C1, H0, H1): branch b's tokens N_b = 1 + its patches, width C_b; direction d
+  (branch d's CLS attending over branch 1 - d) with H_d heads.
 * Multiply-adds (MACs) count one multiply and one add as one; backward counts twice the forward,
   so fwd+bwd = 3 x fwd (patch embedding: 2 x, the images need no gradient).
 * The roofline of a kernel is max(bytes / measured bandwidth, MACs / measured GEMM rate) with
   the bytes of the fused form (every input read once, every output written once); the measured
   floor of a cross-attention shape is ``x.sum()`` (fwd) and ``x.sum()`` + a copy (fwd+bwd) of its
-  tokens, timed alongside the variants.
+  tokens, timed alongside the variants. The floor of the fusion stage is its byte model's
+  bytes-once floor (``crossvit_kernels.backends.triton.fusion.stage_bytes``: both branches,
+  every parameter and, with the backward, every gradient read or written once) at the measured
+  copy bandwidth.
 """
 from __future__ import annotations
 
@@ -117,6 +122,23 @@ def patch_embed_shapes(models: Sequence[str]) -> List[dict]:
     return list(out.values())
 
 
+def stage_geometries(models: Sequence[str]) -> List[dict]:
+    """The distinct fusion-stage geometries {N0, C0, N1, C1, H0, H1, uses} of ``models`` (uses:
+    "model/fusion_stage"); the stage depends only on the widths, heads and token counts (the
+    dagger variants share theirs with the plain ones)."""
+    out: Dict[tuple, dict] = {}
+    for name in models:
+        g = variant_geometry(name)
+        (P0, P1), (C0, C1) = g["num_patches"], g["embed_dim"]
+        # direction d attends over branch 1 - d with that branch's heads
+        s = {"N0": 1 + P0, "C0": C0, "N1": 1 + P1, "C1": C1, "H0": g["num_heads"][1], "H1": g["num_heads"][0]}
+        out.setdefault(tuple(s.values()), dict(s, uses=[]))["uses"].append(f"{name}/fusion_stage")
+    return list(out.values())
+
+
+STAGE_KEYS = ("N0", "C0", "N1", "C1", "H0", "H1")
+
+
 def short_uses(uses: Iterable[str]) -> str:
     """"9_240,18_dagger_240" from ["crossvit_9_240/fusion.0", ...]."""
     return ",".join(sorted({u.split("/")[0].replace("crossvit_", "") for u in uses}))
@@ -171,6 +193,19 @@ def pe_bytes(B: int, img: int, patch: int, C: int, elt: int, mode: str, cin: int
 def mode_factor(op: str, mode: str) -> int:
     """fwd+bwd MACs over fwd MACs (see the conventions)."""
     return 1 if mode == "fwd" else (3 if op == "cross_attention" else 2)
+
+
+def stage_macs_textbook(B: int, s: dict) -> int:
+    """Forward MACs of the fusion stage of geometry ``s`` in timm's form: both directions'
+    cross-attention blocks (the projections' B x C0 x C1 products are negligible beside them)."""
+    return ca_macs_textbook(B, s["N1"], s["C1"]) + ca_macs_textbook(B, s["N0"], s["C0"])
+
+
+def stage_floor_bytes(B: int, s: dict, elt: int, mode: str) -> int:
+    """The fusion stage's bytes-once floor (read + written) from the triton backend's byte model."""
+    from crossvit_kernels.backends.triton.fusion import stage_bytes
+    m = stage_bytes(B, (s["N0"], s["N1"]), (s["C0"], s["C1"]), (s["H0"], s["H1"]), elt)
+    return sum(m["floor_fwd"]) + (sum(m["floor_bwd"]) if mode != "fwd" else 0)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -232,6 +267,22 @@ FUSED_BACKENDS = ("triton", "cuda", "cpp", "torch")
 #:   read, copy      the measured floor: x.sum() and a copy of the tokens
 CA_EXTRA = ("timm", "sdpa", "triton-unfused") + tuple(f"{b}-core" for b in FUSED_BACKENDS) + ("read", "copy")
 
+#: The fusion stage's variants: timm (its MultiScaleBlock's forward, the encoder layers replaced by
+#: identities), the package's block on each backend (the stage op where the backend declares it, else
+#: the model's per-piece fallback: see :func:`stage_path`), and the triton backend with one of its
+#: environment knobs set, {impl: {module of crossvit_kernels.backends.triton, the name of the knob's
+#: constant there, its value, the modes and dtypes where it changes anything}}:
+#:   triton-hilo0    CROSSVIT_KERNELS_TRITON_HILO=0: the token products' float32 operands rounded
+#:                   to the 16-bit dtype once instead of carried as hi + lo pairs (16-bit tokens)
+#:   triton-seqc     CROSSVIT_KERNELS_FUSION_SEQUENTIAL_C=1: backward launch C as two launches
+#:                   (rows, then tiles) instead of one with its ticket protocol (fwd+bwd)
+STAGE_KNOBS = {
+    "triton-hilo0": {"module": "cross_attention", "env": "HILO_ENV", "value": "0", "modes": ("fwd", "fwd+bwd"),
+                     "dtypes": (torch.bfloat16, torch.float16)},
+    "triton-seqc": {"module": "fusion", "env": "SEQUENTIAL_C_ENV", "value": "1", "modes": ("fwd+bwd",),
+                    "dtypes": (torch.float32, torch.bfloat16, torch.float16)},
+}
+
 
 def impl_status(op: str, impl: str, device: torch.device, dtype: torch.dtype,
                 allow_interpreter: bool = False) -> Optional[str]:
@@ -252,19 +303,49 @@ def impl_status(op: str, impl: str, device: torch.device, dtype: torch.dtype,
         if op != "cross_attention":
             return f"{impl} is a cross-attention variant"
         backend = "triton" if impl == "triton-unfused" else impl[:-len("-core")]
+    if impl in STAGE_KNOBS:
+        if op != "fusion_stage":
+            return f"{impl} is a fusion-stage variant"
+        if dtype not in STAGE_KNOBS[impl]["dtypes"]:
+            return f"{impl} changes nothing in {dtype}"
+        backend = "triton"
     if backend not in backends.BACKENDS:
         return f"unknown variant {impl!r}"
     if backend == "triton" and device.type != "cuda" and not allow_interpreter:
         return "CPU tensors run Triton only in the interpreter (not timed unless --allow-interpreter)"
-    return backends.supports(backend, op, device, dtype)
+    why = backends.supports(backend, op, device, dtype)
+    if why is not None and op == "fusion_stage" and impl not in STAGE_KNOBS:
+        return backends.supports(backend, "cross_attention", device, dtype)  # the per-piece fallback
+    return why
+
+
+def stage_path(impl: str, device: torch.device, dtype: torch.dtype) -> str:
+    """How variant ``impl`` of the fusion stage runs here: "timm" (timm's modules), "stage op" (a
+    backend that declares the stage: ``crossvit_kernels.ops.fusion``) or "per piece" (the model's
+    fallback where the backend does not: the projections as modules, its cross-attention op per
+    direction)."""
+    from crossvit_kernels import backends
+    if impl == "timm":
+        return "timm"
+    if impl in STAGE_KNOBS or backends.supports(impl, "fusion_stage", device, dtype) is None:
+        return "stage op"
+    return "per piece"
+
+
+def stage_modes(impl: str) -> Sequence[str]:
+    """The modes where the fusion-stage variant ``impl`` is timed (a knob: where it changes anything)."""
+    return STAGE_KNOBS[impl]["modes"] if impl in STAGE_KNOBS else ("fwd", "fwd+bwd")
 
 
 def default_impls(op: str, device: torch.device, dtype: torch.dtype, allow_interpreter: bool = False) -> List[str]:
     """timm, reference and every fused backend that runs here; on a GPU also sdpa, triton-unfused
-    and triton-core (where the time goes inside the fused op)."""
+    and triton-core (where the time goes inside the fused op); for the fusion stage also the knob
+    variants (STAGE_KNOBS)."""
     names = ["timm", "reference"] + list(FUSED_BACKENDS)
     if op == "cross_attention" and (device.type == "cuda" or allow_interpreter):
         names += ["sdpa", "triton-unfused", "triton-core"]
+    if op == "fusion_stage":
+        names += list(STAGE_KNOBS)
     return [n for n in names if impl_status(op, n, device, dtype, allow_interpreter) is None]
 
 
@@ -462,6 +543,122 @@ def fusion_stage_fn(model: str, fusion: str, backend: str, B: int, mode: str, de
     if fusion == "none":
         raise ValueError("the 'none' fusion returns its inputs: it has no fwd+bwd")
     return _forward_backward(fn, leaves, grads)
+
+
+def _stage_block_kwargs(s: dict) -> dict:
+    """Constructor arguments of a multi-scale block of stage geometry ``s`` with no encoder layers
+    (timm's MultiScaleBlock and the package's take the same): branch b's heads are those of the
+    direction that attends over it (1 - b); the fusion's blocks have no MLP (mlp_ratio unused)."""
+    import torch.nn as nn
+    return dict(dim=(s["C0"], s["C1"]), patches=(s["N0"] - 1, s["N1"] - 1), depth=(0, 0, 0),
+                num_heads=(s["H1"], s["H0"]), mlp_ratio=(1.0, 1.0, 1.0), qkv_bias=True, drop_path=[0.0],
+                norm_layer=functools.partial(nn.LayerNorm, eps=1e-6))
+
+
+def stage_inputs(s: dict, B: int, device, dtype, seed: int = 0) -> dict:
+    """The package's multi-scale block of stage geometry ``s`` (its forward is the fusion stage
+    alone), every parameter drawn from a seeded generator (LayerNorm affine away from (1, 0));
+    both branches' tokens (B, N_b, C_b) and the output gradients."""
+    import torch.nn as nn
+
+    from crossvit_kernels.models.crossvit import MultiScaleBlock
+    g = torch.Generator().manual_seed(seed)
+    r = functools.partial(randn, device="cpu", dtype=torch.float32, generator=g)
+    blk = MultiScaleBlock(**_stage_block_kwargs(s))
+    with torch.no_grad():
+        for m in blk.modules():
+            if isinstance(m, nn.LayerNorm):
+                m.weight.copy_(1.0 + r(*m.weight.shape, scale=0.1))
+                m.bias.copy_(r(*m.bias.shape, scale=0.1))
+            elif isinstance(m, nn.Linear):
+                m.weight.copy_(r(*m.weight.shape, scale=m.in_features ** -0.5))
+                m.bias.copy_(r(*m.bias.shape, scale=0.02))
+    shapes = [(B, s["N0"], s["C0"]), (B, s["N1"], s["C1"])]
+    return {"geometry": s, "block": blk.to(device, dtype),
+            "xs": [randn(*x, device=device, dtype=dtype, generator=g) for x in shapes],
+            "grads": [randn(*x, device=device, dtype=dtype, generator=g) for x in shapes]}
+
+
+def _timm_stage_block(t: dict):
+    """timm's MultiScaleBlock holding the parameters of ``t``'s block, its (absent) encoder layers
+    replaced by identities: its forward is timm's composition of the fusion stage."""
+    import torch.nn as nn
+    from timm.models.crossvit import MultiScaleBlock
+    tb = MultiScaleBlock(**_stage_block_kwargs(t["geometry"]))
+    tb.load_state_dict(t["block"].state_dict())
+    tb.blocks = nn.ModuleList([nn.Identity(), nn.Identity()])
+    return tb.to(t["xs"][0].device, t["xs"][0].dtype)
+
+
+def _stage_forward(t: dict, impl: str):
+    """(forward, module): ``forward(xs)`` runs variant ``impl`` of the fusion stage on the branches
+    ``xs`` with the parameters of ``module``: timm's block, or the package's block (the model's
+    entry: ``MultiScaleBlock.forward`` with no encoder layers) on backend ``impl``, a knob variant
+    on triton with its knob set."""
+    if impl == "timm":
+        blk = _timm_stage_block(t)
+        return blk, blk
+    import importlib
+
+    import crossvit_kernels as ck
+    blk, backend, knob = t["block"], impl, contextlib.nullcontext
+    if impl in STAGE_KNOBS:
+        k = STAGE_KNOBS[impl]
+        env = getattr(importlib.import_module(f"crossvit_kernels.backends.triton.{k['module']}"), k["env"])
+        backend, knob = "triton", functools.partial(_env, env, k["value"])
+
+    def forward(xs):
+        with ck.use_backend(backend), knob():
+            return blk(xs)
+    return forward, blk
+
+
+def stage_fn(t: dict, impl: str, mode: str) -> Callable[[], object]:
+    """The callable that runs variant ``impl`` of the fusion stage on the inputs ``t`` once; with a
+    gradient, the gradients of both branches and of every parameter."""
+    if mode not in stage_modes(impl):
+        raise ValueError(f"{impl} changes nothing in {mode}")
+    forward, blk = _stage_forward(t, impl)
+    grad = mode == "fwd+bwd"
+    xs = [x.detach().requires_grad_(grad) for x in t["xs"]]
+    fn = lambda: forward(xs)  # noqa: E731
+    return _forward_backward(fn, xs + list(blk.parameters()), t["grads"]) if grad else _forward(fn)
+
+
+#: parameters left out of the gradient errors: the key projections' biases, whose gradient is zero
+#: in exact arithmetic (the softmax does not see a shift common to all scores): the oracle's is
+#: rounding noise, and an error relative to it means nothing
+STAGE_ZERO_GRADS = ("fusion.0.attn.wk.bias", "fusion.1.attn.wk.bias")
+
+
+def stage_errors(t: dict, impls: Sequence[str]) -> Dict[str, dict]:
+    """{impl: {"out_err", "grad_err"}}: each variant's outputs and gradients (both branches', every
+    parameter's but STAGE_ZERO_GRADS) against the float64 oracle, the reference backend's textbook
+    stage on the inputs ``t`` upcast; an error is max |x - oracle| / max |oracle| per tensor, the
+    largest over the tensors."""
+    import copy
+
+    def run(t, impl):
+        forward, blk = _stage_forward(t, impl)
+        xs = [x.detach().requires_grad_() for x in t["xs"]]
+        names, params = zip(*blk.named_parameters())
+        outs = forward(xs)
+        grads = torch.autograd.grad(outs, xs + list(params), t["grads"])
+        return [o.detach() for o in outs], dict(zip(("x0", "x1") + names, grads))
+
+    t64 = dict(t, block=copy.deepcopy(t["block"]).double(), xs=[x.double() for x in t["xs"]],
+               grads=[g.double() for g in t["grads"]])
+    ref_outs, ref_grads = run(t64, "reference")
+
+    def err(a, o):
+        return float((a.double() - o).abs().max() / o.abs().max())
+
+    out = {}
+    for impl in impls:
+        outs, grads = run(t, impl)
+        out[impl] = {"out_err": max(err(a, o) for a, o in zip(outs, ref_outs)),
+                     "grad_err": max(err(grads[n], g) for n, g in ref_grads.items() if n not in STAGE_ZERO_GRADS)}
+    return out
 
 
 # ------------------------------------------------------------------------------------------------

@@ -155,6 +155,59 @@ def _patch_embed(dname: str, sec: dict, roof: dict) -> str:
             f"PatchEmbed + cat + add; roofline = max(bytes / copy bandwidth, MACs / GEMM rate))\n\n" + table(out, head))
 
 
+def _stage_label(g: dict) -> str:
+    """"401x224 + 197x448 H7,7": branch 0's tokens x width, branch 1's, the two directions' heads."""
+    return f"{g['N0']}x{g['C0']} + {g['N1']}x{g['C1']} H{g['H0']},{g['H1']}"
+
+
+def _fusion_stage(dname: str, sec: dict, roof: dict) -> str:
+    rows = harness.records(sec["rows"])
+    if not rows:
+        return ""
+    keys = harness.STAGE_KEYS
+    uses = {tuple(g[k] for k in keys): g["uses"] for g in harness.records(sec["geometries"])}
+    impls = list(dict.fromkeys(r["impl"] for r in rows))
+    graph = _has_graph(rows)
+    elt = _elt(dname)
+    out = []
+    for case in dict.fromkeys(tuple(r[k] for k in keys + ("B", "mode")) for r in rows):
+        g, B, mode = dict(zip(keys, case)), case[-2], case[-1]
+        sel = {r["impl"]: r for r in rows if tuple(r[k] for k in keys + ("B", "mode")) == case}
+        best = _fused_best(sel)
+        floor = harness.stage_floor_bytes(B, g, elt, mode) / (roof["copy_gbs"] * 1e6)
+        line = [_stage_label(g), harness.short_uses(uses.get(case[:-2], []))[:40], str(B), mode]
+        line += [fmt_ms(ms_of(sel[i])) if i in sel else "-" for i in impls]
+        line += [best["impl"] if best else "-",
+                 f"{ms_of(sel['timm']) / ms_of(best):.2f}x" if best and "timm" in sel else "-",
+                 fmt_ms(floor), pct(floor / ms_of(best)) if best else "-"]
+        if graph:
+            line.append(fmt_ms(best.get("median_ms")) if best else "-")
+        out.append(line)
+    head = (["geometry", "variants", "B", "mode"] + [f"{i} ms" for i in impls]
+            + ["best fused", "vs timm", "floor ms", "% of floor"] + (["best eager ms"] if graph else []))
+    by_path: Dict[str, List[str]] = {}
+    for i, path in sec.get("paths", {}).items():
+        if i != "timm":
+            by_path.setdefault(path, []).append(i)
+    paths = "; ".join(f"{path}: {', '.join(i)}" for path, i in by_path.items())
+    text = (f"### Fusion stage ({dname}; {'CUDA-graph replay: device time' if graph else 'median ms'}; geometry = "
+            f"branch 0's tokens x width + branch 1's, the heads of direction 0 (branch 0's CLS over branch 1) and 1; "
+            f"timm = timm's MultiScaleBlock fusion, encoder layers replaced by identities; {paths}; floor = the byte "
+            f"model's bytes-once floor at the copy bandwidth)\n\n" + table(out, head))
+    errors = harness.records(sec.get("errors"))
+    if errors:
+        eimpls = list(dict.fromkeys(e["impl"] for e in errors))
+        erows = []
+        for case in dict.fromkeys(tuple(e[k] for k in keys + ("B",)) for e in errors):
+            sel = {e["impl"]: e for e in errors if tuple(e[k] for k in keys + ("B",)) == case}
+            erows.append([_stage_label(dict(zip(keys, case))), str(case[-1])]
+                         + [f"{sel[i]['out_err']:.1e} / {sel[i]['grad_err']:.1e}" if i in sel else "-" for i in eimpls])
+        text += (f"\n\n### Fusion stage: errors against the float64 oracle ({dname}; outputs / gradients of both "
+                 f"branches and every parameter but the key biases; max |x - oracle| / max |oracle| per tensor, the "
+                 f"largest; timm's is the same-dtype reference's)\n\n" + table(erows, ["geometry", "B"] + eimpls))
+    return text
+
+
 def _fusion(dname: str, sec: dict) -> str:
     from crossvit_kernels.models import FUSIONS
     rows, static = harness.records(sec["rows"]), harness.records(sec["static"])
@@ -280,6 +333,7 @@ def render(doc: dict) -> str:
         parts.append(_roofline(dname, roof, env))
         for sec, fn in (("cross_attention", lambda s: _cross_attention(dname, s, roof)),
                         ("patch_embed", lambda s: _patch_embed(dname, s, roof)),
+                        ("fusion_stage", lambda s: _fusion_stage(dname, s, roof)),
                         ("fusion", lambda s: _fusion(dname, s)), ("scaling", lambda s: _scaling(dname, s))):
             if sec in per and "error" in per[sec]:
                 parts.append(f"### {sec} ({dname}): FAILED: {per[sec]['error']}")

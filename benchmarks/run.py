@@ -8,6 +8,12 @@ Sections (measured in one run, each against the same roofline):
                    and forward+backward, with the measured bytes-once floor of each shape
   patch_embed      the patch embedding of both branches of every variant against timm's
                    PatchEmbed + cat + add
+  fusion_stage     the cross-attention fusion stage of a multi-scale block (both directions) at
+                   each variant's geometry (or --stage-models): timm's MultiScaleBlock fusion
+                   against the package's block on every backend (the stage op where the backend
+                   declares it, else the per-piece fallback) and the triton knob variants,
+                   forward and forward+backward, with the byte model's bytes-once floor; the
+                   errors of each variant against a float64 oracle
   fusion           the paper's five fusion schemes at CrossViT-S: parameters, MACs, the fusion
                    stage of one block and the whole model; every variant's parameters and MACs
   scaling          time against the token count N = 49 .. 4096, with the bytes-once line
@@ -17,7 +23,8 @@ Usage:
     python benchmarks/run.py --quick                  # tiny shapes, every section, < 60 s (smoke)
     python benchmarks/run.py --results                # also copy the results to benchmarks/results/<tag>/
     python benchmarks/run.py --device cuda --dtypes bf16 --batches 1,64,256 \\
-        --sections cross_attention,patch_embed         # the GPU kernel sweep (tools/gpu_run.sh)
+        --sections cross_attention,patch_embed,fusion_stage \\
+        --stage-models crossvit_18_240                # the GPU kernel sweep (tools/gpu_run.sh)
     python benchmarks/run.py --load bursty2 ...       # under background load (benchmarks/load.py)
 
 Timing is the package's one timer (crossvit_kernels.timing): the variants of one comparison
@@ -44,19 +51,23 @@ if HERE not in sys.path:
     sys.path.insert(0, HERE)
 
 SCHEMA = 2
-SECTIONS = ("roofline", "cross_attention", "patch_embed", "fusion", "scaling")
+SECTIONS = ("roofline", "cross_attention", "patch_embed", "fusion_stage", "fusion", "scaling")
 #: the model whose shapes are always measured at the full batch on a small CPU
 HEADLINE_MODEL = "crossvit_18_240"
 #: the model of the fusion and scaling sections (the paper's CrossViT-S)
 FUSION_MODEL = "crossvit_small_240"
+#: the batch of the fusion_stage section's errors against the float64 oracle
+STAGE_ACCURACY_BATCH = 4
 
 
 def make_config(quick: bool, device_type: str) -> dict:
     """Per-mode settings. Timer settings are Timer's keyword arguments."""
     if quick:
         # one multi-scale block with one encoder block per branch: the tiny model's shapes at a
-        # fraction of its cost
+        # fraction of its cost; the fusion stage at a geometry small enough for the Triton
+        # interpreter (the dry run of the GPU sweep runs it there)
         return dict(models=["crossvit_tiny_240"], batches=[2], mac_budget=0, min_batch=1,
+                    stage_geometries=[dict(N0=13, C0=24, N1=8, C1=32, H0=4, H1=3, uses=["tiny/fusion_stage"])],
                     fusion_model="crossvit_tiny_240", model_kwargs={"depth": ((1, 1, 0),)}, fusion_batch=1,
                     model_batch=1, sweep_variants=False, sweep_batch=1, scaling_N=[49, 197], scaling_batch=1,
                     copy_numel=1 << 22, gemm_sizes=[(512, 512, 512)],
@@ -65,8 +76,9 @@ def make_config(quick: bool, device_type: str) -> dict:
                     model_timer=dict(warmup=1, min_reps=1, max_reps=1, budget_s=0.0),
                     sweep_timer=dict(warmup=1, min_reps=1, max_reps=1, budget_s=0.0))
     if device_type == "cuda":
-        return dict(models=None, batches=[256], mac_budget=0, min_batch=1, fusion_model=FUSION_MODEL,
-                    model_kwargs={}, fusion_batch=256, model_batch=128, sweep_variants=True, sweep_batch=256,
+        return dict(models=None, batches=[256], mac_budget=0, min_batch=1, stage_geometries=None,
+                    fusion_model=FUSION_MODEL, model_kwargs={}, fusion_batch=256, model_batch=128,
+                    sweep_variants=True, sweep_batch=256,
                     scaling_N=[49, 100, 197, 401, 577, 1024, 1157, 2048, 4096], scaling_batch=32,
                     copy_numel=1 << 28, gemm_sizes=[(256 * 401, 224, 224), (256 * 197, 448, 448), (8192, 8192, 8192)],
                     timer=dict(warmup=3, min_reps=10, max_reps=50, budget_s=0.02),
@@ -76,8 +88,9 @@ def make_config(quick: bool, device_type: str) -> dict:
     # A small CPU (the 2-core development machine): the headline CrossViT-18 rows at batch 64, other
     # shapes at the batch that keeps the textbook forward (or the patch GEMM) under a fixed number
     # of multiply-adds, so that the full run stays well under 10 minutes.
-    return dict(models=None, batches=[64], mac_budget=1.3e9, min_batch=4, fusion_model=FUSION_MODEL, model_kwargs={},
-                fusion_batch=8, model_batch=1, sweep_variants=True, sweep_batch=2,
+    return dict(models=None, batches=[64], mac_budget=1.3e9, min_batch=4, stage_geometries=None,
+                fusion_model=FUSION_MODEL, model_kwargs={}, fusion_batch=8, model_batch=1, sweep_variants=True,
+                sweep_batch=2,
                 scaling_N=[49, 100, 197, 401, 577, 1024, 1157, 2048, 4096], scaling_batch=2,
                 copy_numel=1 << 25, gemm_sizes=[(64 * 401, 224, 224), (64 * 197, 448, 448), (1024, 1024, 1024)],
                 timer=dict(warmup=1, min_reps=3, max_reps=30, budget_s=0.3),
@@ -289,6 +302,72 @@ def section_patch_embed(ctx: Ctx) -> dict:
                       "rows": harness.make_table(("img", "patch", "C", "B", "mode", "impl") + TIMING_COLUMNS, rows)}
             ctx.checkpoint("patch_embed", result)
     return result
+
+
+def section_fusion_stage(ctx: Ctx) -> dict:
+    """The fusion stage of a multi-scale block, both directions: timm's block against the package's
+    block on every backend here (the stage op or the per-piece fallback: harness.stage_path) and
+    the triton knob variants (at the largest batch), at each geometry of --stage-models (default
+    --models, or the config's); then the errors against the float64 oracle at batch
+    STAGE_ACCURACY_BATCH."""
+    import harness
+    status = _impls(ctx, "fusion_stage")
+    impls = [k for k, v in status.items() if v == "available"]
+    paths = {i: harness.stage_path(i, ctx.device, ctx.dtype) for i in impls}
+    patterns = ctx.args.stage_models or ctx.args.models
+    if ctx.cfg["stage_geometries"] and not patterns:
+        geoms = ctx.cfg["stage_geometries"]
+    else:
+        models = harness.models_matching(patterns.split(",") if patterns else ctx.cfg["models"])
+        geoms = harness.stage_geometries(models)
+    geoms = _headline_first(geoms)
+    ctx.log(f"fusion_stage: {len(geoms)} geometries; variants: {paths}; not run: "
+            + (", ".join(f"{k} ({v})" for k, v in status.items() if v != "available") or "-"))
+    rows, errors = [], []
+    for si, s in enumerate(geoms):
+        g = {k: s[k] for k in harness.STAGE_KEYS}
+        batches = _batches(ctx, s["uses"], harness.stage_macs_textbook(1, s))
+        for B in batches:
+            ctx.log(f"fusion_stage [{si + 1}/{len(geoms)}] B={B} {g} ({harness.short_uses(s['uses'])})")
+            t = harness.stage_inputs(s, B, ctx.device, ctx.dtype, seed=si)
+            for mode in ctx.args.modes.split(","):
+                key = dict(section="fusion_stage", **g, B=B, mode=mode)
+                fns = {}
+                for name in impls:
+                    if mode not in harness.stage_modes(name) or (name in harness.STAGE_KNOBS and B != max(batches)):
+                        continue
+                    try:
+                        fns[name] = harness.stage_fn(t, name, mode)
+                    except Exception as exc:
+                        ctx.fail(key, name, f"{type(exc).__name__}: {exc}"[:300])
+                timings = ctx.time_group(ctx.timer, fns, key, graph=True)
+                for name, tm in timings.items():
+                    rows.append(dict(g, B=B, mode=mode, impl=name, **tm))
+                ctx.log("   " + mode + ": " + ", ".join(f"{k} {_ms(v)}" for k, v in timings.items()))
+                del fns
+            del t
+            _free(ctx)
+            ctx.checkpoint("fusion_stage", _stage_result(status, paths, geoms, rows, errors))
+        t = harness.stage_inputs(s, STAGE_ACCURACY_BATCH, ctx.device, ctx.dtype, seed=si)
+        try:
+            for name, e in harness.stage_errors(t, impls).items():
+                errors.append(dict(g, B=STAGE_ACCURACY_BATCH, impl=name, **e))
+        except Exception as exc:
+            ctx.fail(dict(section="fusion_stage", **g, B=STAGE_ACCURACY_BATCH, mode="accuracy"), "errors",
+                     f"{type(exc).__name__}: {exc}"[:300])
+        del t
+        _free(ctx)
+        ctx.checkpoint("fusion_stage", _stage_result(status, paths, geoms, rows, errors))
+    return _stage_result(status, paths, geoms, rows, errors)
+
+
+def _stage_result(status: dict, paths: dict, geoms: List[dict], rows: List[dict], errors: List[dict]) -> dict:
+    import harness
+    keys = harness.STAGE_KEYS
+    return {"variants": status, "paths": paths,
+            "geometries": harness.make_table(keys + ("uses",), geoms),
+            "rows": harness.make_table(keys + ("B", "mode", "impl") + TIMING_COLUMNS, rows),
+            "errors": harness.make_table(keys + ("B", "impl", "out_err", "grad_err"), errors)}
 
 
 def _headline_first(shapes: List[dict]) -> List[dict]:
@@ -538,11 +617,15 @@ def parse_args(argv=None):
     p.add_argument("--sections", default=",".join(SECTIONS), help=f"comma list of {', '.join(SECTIONS)}")
     p.add_argument("--models", default=None,
                    help="comma list of variant names or patterns for the op sections (default: all 11)")
+    p.add_argument("--stage-models", default=None,
+                   help="comma list of variant names or patterns whose geometries the fusion_stage section measures "
+                        "(default: --models)")
     p.add_argument("--batches", default=None, help="comma list of batch sizes of the op sections (default: the "
                                                    "device's: 64 on a CPU, 256 on a GPU)")
     p.add_argument("--impls", default=None, help="comma list of the op sections' variants (default: timm, reference, "
                                                  "every fused backend here; on a GPU also sdpa, triton-unfused, "
-                                                 "triton-core; see harness.CA_EXTRA)")
+                                                 "triton-core; the fusion stage's triton knobs; see harness.CA_EXTRA "
+                                                 "and harness.STAGE_KNOBS)")
     p.add_argument("--modes", default="fwd,fwd+bwd", help="fwd, fwd+bwd or both (op sections)")
     p.add_argument("--load", default="none", help=f"background load during the run: {load.KINDS_HELP}")
     p.add_argument("--no-plots", action="store_true")

@@ -1,5 +1,6 @@
-"""pytest-benchmark: the cross-attention block and the patch embedding at CrossViT-S's shapes, and
-the fusion stage of one multi-scale block of CrossViT-Ti under each of the paper's schemes.
+"""pytest-benchmark: the cross-attention block, the patch embedding and the cross-attention fusion
+stage (timm's against every variant of ours) at CrossViT-S's shapes, and the fusion stage of one
+multi-scale block of CrossViT-Ti under each of the paper's schemes.
 
     python -m pytest benchmarks/ --benchmark-only [--benchmark-group-by=group]
 """
@@ -16,6 +17,7 @@ STAGE_MODEL, STAGE_KWARGS = "crossvit_tiny_240", {"depth": ((1, 1, 0),)}
 
 CA_SHAPE = harness.variant_geometry(MODEL)["fusion_shapes"][0]          # N=197, C=384, H=6
 PE_SHAPES = {f"{s['img']}px_p{s['patch']}_C{s['C']}": s for s in harness.patch_embed_shapes([MODEL])}
+STAGE_GEOMETRY = harness.stage_geometries([MODEL])[0]                     # 401x192 + 197x384, 6 heads
 MODES = ("fwd", "fwd+bwd")
 
 
@@ -42,6 +44,17 @@ def test_patch_embed(benchmark, shape, impl, mode):
     benchmark.group = f"patch_embed {mode} {DEVICE.type} B={BATCH} {shape}"
     t = harness.patch_embed_inputs(BATCH, s["img"], s["patch"], s["C"], DEVICE, DTYPE)
     benchmark(harness.patch_embed_fn(t, impl, mode))
+
+
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("impl", _impls("fusion_stage"))
+def test_fusion_stage_op(benchmark, impl, mode):
+    if mode not in harness.stage_modes(impl):
+        pytest.skip(f"{impl} changes nothing in {mode}")
+    g = STAGE_GEOMETRY
+    benchmark.group = (f"fusion_stage {mode} {DEVICE.type} B={BATCH} {g['N0']}x{g['C0']} + {g['N1']}x{g['C1']} "
+                       f"H{g['H0']},{g['H1']}")
+    benchmark(harness.stage_fn(harness.stage_inputs(g, BATCH, DEVICE, DTYPE), impl, mode))
 
 
 STAGE_BACKEND = next(b for b in harness.FUSED_BACKENDS + ("reference",)

@@ -1,6 +1,7 @@
 """Smoke tests of the benchmark harness: ``benchmarks/run.py --quick`` runs every section and writes
-well-formed compact results, report.py renders and merges them, the load generator starts and
-ends its workers, the profiler and the GPU script parse. No timing is asserted (timing belongs in
+well-formed compact results, the fusion_stage section runs every variant at a tiny shape (the
+triton ones under the interpreter), report.py renders and merges them, the load generator starts
+and ends its workers, the profiler and the GPU script parse. No timing is asserted (timing belongs in
 the benchmarks, not in a test)."""
 import json
 import os
@@ -12,7 +13,7 @@ import pytest
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 BENCH = os.path.join(REPO, "benchmarks")
-SECTIONS = ("roofline", "cross_attention", "patch_embed", "fusion", "scaling")
+SECTIONS = ("roofline", "cross_attention", "patch_embed", "fusion_stage", "fusion", "scaling")
 TIMING_FIELDS = ("median_ms", "q25_ms", "q75_ms", "reps")
 
 sys.path.insert(0, BENCH)
@@ -99,9 +100,49 @@ def test_quick_benchmark_writes_compact_results(quick_run):
     check_rows("patch_embed", pe, ("impl", "mode", "img", "patch", "C"))
     assert {"timm", "reference", "torch"} <= {r["impl"] for r in pe}
 
+    # no CPU backend declares the fusion stage: the package's rows are the per-piece fallback
+    stage = per["fusion_stage"]
+    check_rows("fusion_stage", harness.records(stage["rows"]), ("impl", "mode", "B") + harness.STAGE_KEYS)
+    assert {"timm", "reference", "torch"} <= set(stage["paths"])
+    assert {p for i, p in stage["paths"].items() if i != "timm"} == {"per piece"}
+    assert {e["impl"] for e in harness.records(stage["errors"])} == set(stage["paths"])
+
     summary = (out / "summary.md").read_text()
-    for title in ("Roofline", "Cross-attention block", "Patch embedding", "Fusion schemes", "Scaling"):
+    for title in ("Roofline", "Cross-attention block", "Patch embedding", "Fusion stage", "Fusion schemes",
+                  "Scaling"):
         assert title in summary, f"summary.md lacks the {title} table"
+
+
+def test_fusion_stage_section_at_a_tiny_shape():
+    """run.py's fusion_stage section in-process at the quick config's tiny geometry, bfloat16, every
+    variant that runs here (on the CPU the triton ones under the interpreter, knobs included): a row
+    per variant and mode, the stage op for triton and the per-piece fallback for the CPU backends,
+    each variant's errors against the float64 oracle, and the summary's tables."""
+    import torch
+
+    import run
+    from crossvit_kernels.info import environment
+    device, dtype = torch.device("cpu"), torch.bfloat16
+    ctx = run.Ctx(run.parse_args(["--quick", "--device", "cpu", "--allow-interpreter"]), device,
+                  run.make_config(True, "cpu"))
+    ctx.dtype = dtype
+    per = ctx.per = {"roofline": run.section_roofline(ctx)}
+    per["fusion_stage"] = sec = run.section_fusion_stage(ctx)
+    assert ctx.errors == [] and "partial" not in sec
+    impls = harness.default_impls("fusion_stage", device, dtype, allow_interpreter=True)
+    assert {"timm", "reference", "torch"} <= set(impls) and set(sec["paths"]) == set(impls)
+    for impl, path in sec["paths"].items():
+        assert path == harness.stage_path(impl, device, dtype)
+        assert path == ("timm" if impl == "timm" else "stage op" if impl.startswith("triton") else "per piece")
+    rows = harness.records(sec["rows"])
+    for mode in ("fwd", "fwd+bwd"):
+        assert {r["impl"] for r in rows if r["mode"] == mode} == {i for i in impls if mode in harness.stage_modes(i)}
+    errors = {e["impl"]: e for e in harness.records(sec["errors"])}
+    assert set(errors) == set(impls)
+    for impl, e in errors.items():  # bfloat16's rounding, not a wrong result (the kernel tests hold the criterion)
+        assert 0 < e["out_err"] < 0.05 and 0 < e["grad_err"] < 0.1, f"{impl}: {e}"
+    text = report.render({"by_dtype": {"bf16": per}, "environment": environment(device)})
+    assert "### Fusion stage (bf16" in text and "errors against the float64 oracle" in text
 
 
 def test_report_merges_end_to_end_rows(quick_run, tmp_path):

@@ -9,11 +9,16 @@
 #   machine   nvidia-smi, versions, python -m crossvit_kernels.info -> machine.txt
 #   tests     the GPU tests in parallel (pytest-xdist), each stopped after TEST_TIMEOUT_S; every
 #             failure lands in OUTDIR/test_failures.txt as it happens. GPU_TESTS=gpu (default:
-#             the tests marked gpu), files (the GPU-relevant test files in full, about 4 minutes)
+#             the tests marked gpu, the fusion stage's at CrossViT-18 among them), files (the
+#             GPU-relevant test files in full, the fusion stage's tests/test_triton_fusion.py and
+#             tests/test_triton_budgets.py included: more than 4 minutes, raise TESTS_LIMIT_S)
 #   sweep     benchmarks/run.py on the GPU: bf16, B = 1, 64, 256, every variant's fusion and
-#             patch-embedding shapes, fwd and fwd+bwd, timm against every variant of ours,
-#             eager and CUDA-graph device time, % of the measured bytes-once floor and of the
-#             roofline (SWEEP_ARGS replaces these arguments)
+#             patch-embedding shapes and CrossViT-18's fusion stage (both directions: timm's
+#             MultiScaleBlock fusion against every backend and the triton knob variants, with
+#             the errors against a float64 oracle), fwd and fwd+bwd, timm against every variant
+#             of ours, eager and CUDA-graph device time, % of the measured bytes-once floor (the
+#             stage: of its byte model's floor) and of the roofline (SWEEP_ARGS replaces these
+#             arguments; the sections stay)
 #   profile   only when named: tools/profile_op.py on the CrossViT-18 shapes (kernels per call)
 #   e2e       python -m crossvit_kernels.benchmark for E2E_MODELS (crossvit_small_240,
 #             crossvit_18_dagger_240) at batch E2E_BATCH (256), for each of E2E_CONFIGS
@@ -25,10 +30,11 @@
 # Every step is bounded (*_LIMIT_S, below) and the whole run by GPU_RUN_BUDGET_S (default 540 s,
 # for a 10-minute call); a step that would start with too little budget left is skipped and
 # reported. Expected on an H100/H200 with 16 cores (from the H100 run; not yet measured for this
-# script): install 100 s, tests 60-150 s, sweep 150-200 s (Triton autotunes each new shape
+# script): install 100 s, tests 60-150 s, sweep 180-240 s (Triton autotunes each new shape
 # once; the sweep writes its results after every shape and measures CrossViT-18's and -S's
-# shapes first, so a sweep cut by its limit still reports them), e2e eager 30-60 s per config:
-# the default plan fits in about 9 minutes and the compile phase gets what is left (a second
+# shapes first, so a sweep cut by its limit still reports them; the fusion stage comes last,
+# one geometry), e2e eager 30-60 s per config: the budget runs out inside the e2e step when
+# the others take their upper estimates, and the compile phase gets what is left (a second
 # call with GPU_RUN_STEPS=install,e2e E2E_CONFIGS=... completes it). A failing step is reported
 # and the next one runs; the exit status is non-zero if any step failed or was skipped.
 #
@@ -54,7 +60,7 @@
 # Environment: PYTHON (default python3), GPU_RUN_STEPS, GPU_RUN_BUDGET_S, GPU_RUN_DRY, GPU_TESTS,
 # PYTEST_WORKERS (8), TEST_TIMEOUT_S (150), PYTEST_ARGS, SWEEP_ARGS, E2E_MODELS, E2E_BATCH,
 # E2E_CONFIGS, E2E_COMPILE (1), E2E_ITERS (warm-up:timed rounds, 3:10), INSTALL_LIMIT_S (240),
-# TESTS_LIMIT_S (150), SWEEP_LIMIT_S (200), E2E_LIMIT_S (150) and E2E_COMPILE_LIMIT_S (300) per CLI
+# TESTS_LIMIT_S (150), SWEEP_LIMIT_S (240), E2E_LIMIT_S (150) and E2E_COMPILE_LIMIT_S (300) per CLI
 # call, PROFILE_LIMIT_S (120), MAX_JOBS (16), CROSSVIT_KERNELS_NO_EXT=1 / CROSSVIT_KERNELS_NO_CUDA=1
 # (build less).
 set -u -o pipefail
@@ -204,7 +210,8 @@ if want tests; then
     case "${GPU_TESTS:-gpu}" in
         gpu) SELECT=(tests -m gpu) ;;
         files) SELECT=(tests/test_triton_cross_attention.py tests/test_triton_patch_embed.py tests/test_triton_projections.py
-                       tests/test_ext.py tests/test_timm_patch.py tests/test_backends.py tests/test_ops.py)
+                       tests/test_triton_fusion.py tests/test_triton_budgets.py tests/test_ext.py tests/test_timm_patch.py
+                       tests/test_backends.py tests/test_ops.py)
                [ "$DRY" = 1 ] && SELECT+=(--collect-only -q) ;;
         *) read -r -a SELECT <<< "$GPU_TESTS" ;;
     esac
@@ -218,13 +225,13 @@ fi
 if want sweep; then
     if [ "$DRY" = 1 ]; then
         DEFAULT_SWEEP="--device cpu --quick --dtypes bf16 --batches 1 --allow-interpreter --threads 2
-            --impls timm,reference,triton,cuda,torch,sdpa,triton-unfused,triton-core"
+            --impls timm,reference,triton,cuda,torch,sdpa,triton-unfused,triton-core,triton-hilo0,triton-seqc"
     else
-        DEFAULT_SWEEP="--device cuda --dtypes bf16 --batches 1,64,256"
+        DEFAULT_SWEEP="--device cuda --dtypes bf16 --batches 1,64,256 --stage-models crossvit_18_240"
     fi
     # shellcheck disable=SC2086
-    step sweep "${SWEEP_LIMIT_S:-200}" "$PY" benchmarks/run.py ${SWEEP_ARGS:-$DEFAULT_SWEEP} \
-        --sections cross_attention,patch_embed --out "$WORK/sweep" --results --results-dir "$RESULTS" \
+    step sweep "${SWEEP_LIMIT_S:-240}" "$PY" benchmarks/run.py ${SWEEP_ARGS:-$DEFAULT_SWEEP} \
+        --sections cross_attention,patch_embed,fusion_stage --out "$WORK/sweep" --results --results-dir "$RESULTS" \
         --note "tools/gpu_run.sh sweep"
     pack
 fi
