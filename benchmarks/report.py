@@ -91,6 +91,16 @@ def _fused_best(sel: Dict[str, dict]) -> Optional[dict]:
     return min(cands, key=ms_of) if cands else None
 
 
+def _auto_cell(auto: Optional[str], sel: Dict[str, dict], best: Optional[dict]) -> str:
+    """The backend ``auto`` picks, and how far it is behind the fastest fused backend of the row
+    ("cpp (fastest)", "cpp (+12% vs torch)"); "-" where the run did not record or time it."""
+    if auto is None or auto not in sel or best is None:
+        return "-"
+    if best["impl"] == auto:
+        return f"{auto} (fastest)"
+    return f"{auto} (+{ms_of(sel[auto]) / ms_of(best) - 1:.0%} vs {best['impl']})"
+
+
 def _cross_attention(dname: str, sec: dict, roof: dict) -> str:
     rows = harness.records(sec["rows"])
     if not rows:
@@ -112,7 +122,7 @@ def _cross_attention(dname: str, sec: dict, roof: dict) -> str:
                                       harness.ca_macs_absorbed(B, N, C, H) * f, rw=mode != "fwd")
         line = [f"N={N} C={C} H={H}", harness.short_uses(uses.get((N, C, H), []))[:40], str(B), mode]
         line += [fmt_ms(ms_of(sel[i])) if i in sel else "-" for i in impls]
-        line += [best["impl"] if best else "-",
+        line += [best["impl"] if best else "-", _auto_cell(sec.get("auto"), sel, best),
                  f"{ms_of(sel['timm']) / ms_of(best):.1f}x" if best and "timm" in sel else "-",
                  f"{harness.ca_macs_textbook(1, N, C) / harness.ca_macs_absorbed(1, N, C, H):.0f}x",
                  fmt_ms(floor), pct(floor / ms_of(best)) if best and floor else "-",
@@ -121,11 +131,12 @@ def _cross_attention(dname: str, sec: dict, roof: dict) -> str:
             line.append(fmt_ms(best.get("median_ms")) if best else "-")
         out.append(line)
     head = (["shape", "variants", "B", "mode"] + [f"{i} ms" for i in impls]
-            + ["best fused", "vs timm", "MAC ratio", "floor ms", "% of floor", "% of roofline"]
+            + ["best fused", "auto", "vs timm", "MAC ratio", "floor ms", "% of floor", "% of roofline"]
             + (["best eager ms"] if graph else []))
     what = ("CUDA-graph replay: device time" if graph else "median ms")
     return (f"### Cross-attention block ({dname}; {what}; timm = cat + timm's CrossAttentionBlock; floor = the "
-            f"tokens read once (fwd) / read, read and written (fwd+bwd), measured at the shape; roofline = max(bytes "
+            f"tokens read once (fwd) / read, read and written (fwd+bwd), measured at the shape; auto = the backend "
+            f"`auto` dispatches to here, and its distance from the fastest; roofline = max(bytes "
             f"of the fused form / bandwidth, absorbed MACs / GEMM rate))\n\n" + table(out, head))
 
 
@@ -143,16 +154,17 @@ def _patch_embed(dname: str, sec: dict, roof: dict) -> str:
         roof_ms = harness.roofline_ms(roof, harness.pe_bytes(B, S, p, C, elt, mode),
                                       harness.pe_macs(B, S, p, C) * harness.mode_factor("patch_embed", mode), rw=True)
         line = [f"{S}px p{p} C={C}", str(B), mode] + [fmt_ms(ms_of(sel[i])) if i in sel else "-" for i in impls]
-        line += [best["impl"] if best else "-",
+        line += [best["impl"] if best else "-", _auto_cell(sec.get("auto"), sel, best),
                  f"{ms_of(sel['timm']) / ms_of(best):.2f}x" if best and "timm" in sel else "-",
                  pct(roof_ms / ms_of(best)) if best else "-"]
         if graph:
             line.append(fmt_ms(best.get("median_ms")) if best else "-")
         out.append(line)
-    head = (["input", "B", "mode"] + [f"{i} ms" for i in impls] + ["best fused", "vs timm", "% of roofline"]
+    head = (["input", "B", "mode"] + [f"{i} ms" for i in impls] + ["best fused", "auto", "vs timm", "% of roofline"]
             + (["best eager ms"] if graph else []))
     return (f"### Patch embedding ({dname}; {'CUDA-graph replay: device time' if graph else 'median ms'}; timm = "
-            f"PatchEmbed + cat + add; roofline = max(bytes / copy bandwidth, MACs / GEMM rate))\n\n" + table(out, head))
+            f"PatchEmbed + cat + add; auto = the backend `auto` dispatches to here, and its distance from the fastest; "
+            f"roofline = max(bytes / copy bandwidth, MACs / GEMM rate))\n\n" + table(out, head))
 
 
 def _stage_label(g: dict) -> str:

@@ -234,6 +234,15 @@ def _impls(ctx: Ctx, op: str) -> Dict[str, str]:
     return status
 
 
+def _auto(ctx: Ctx, op: str) -> Optional[str]:
+    """The backend ``auto`` dispatches ``op`` to for the run's device and dtype (None: none can)."""
+    from crossvit_kernels import backends
+    try:
+        return backends.resolve_backend(op, "auto", ctx.device, ctx.dtype)
+    except NotImplementedError:
+        return None
+
+
 def section_cross_attention(ctx: Ctx) -> dict:
     import harness
     models = harness.models_matching(ctx.args.models.split(",") if ctx.args.models else ctx.cfg["models"])
@@ -268,7 +277,7 @@ def section_cross_attention(ctx: Ctx) -> dict:
                 del fns
             del t
             _free(ctx)
-            result = {"variants": status,
+            result = {"variants": status, "auto": _auto(ctx, "cross_attention"),
                       "shapes": harness.make_table(("N", "C", "H", "uses"), shapes),
                       "rows": harness.make_table(("N", "C", "H", "B", "mode", "impl") + TIMING_COLUMNS, rows)}
             ctx.checkpoint("cross_attention", result)
@@ -297,7 +306,7 @@ def section_patch_embed(ctx: Ctx) -> dict:
                 ctx.log("   " + mode + ": " + ", ".join(f"{k} {_ms(v)}" for k, v in timings.items()))
             del t
             _free(ctx)
-            result = {"variants": status,
+            result = {"variants": status, "auto": _auto(ctx, "patch_embed"),
                       "shapes": harness.make_table(("img", "patch", "C", "uses"), shapes),
                       "rows": harness.make_table(("img", "patch", "C", "B", "mode", "impl") + TIMING_COLUMNS, rows)}
             ctx.checkpoint("patch_embed", result)
