@@ -28,8 +28,13 @@
 #include <c10/util/Half.h>
 #include <torch/library.h>
 
+#ifdef _OPENMP
+#include <omp.h>
+#endif
+
 #include <algorithm>
 #include <atomic>
+#include <chrono>
 #include <cmath>
 #include <cstring>
 #include <limits>
@@ -381,15 +386,97 @@ XShape expect_core_inputs(const Tensor& x_cls, const Tensor& x_tokens, const Ten
   return XShape{d, round_up(d.C, V)};
 }
 
-// Runs fn once on each thread of ATen's pool. The work items are handed out dynamically (an atomic
-// counter) so a thread that the OS descheduled on a busy machine does not hold the others at the
-// barrier; which thread runs an item never changes its result, and items are combined in order.
+// ------------------------------------------------------------------------------------------------
+// threads: one parallel region per kernel
+// ------------------------------------------------------------------------------------------------
+// Every parallel region wakes the pool and, at its end, waits for each of its threads. On a busy
+// machine a thread whose core another process holds arrives up to a scheduler slice late
+// (milliseconds), whatever the size of the work, so a call's time under load grows with the
+// number of regions it opens, not with its work. Hence: each kernel opens at most one region in
+// which work items are handed out dynamically, and the small steps the cpp backend runs around its
+// kernels (the B x C x C projections, the CLS's LayerNorm: backends/extension.py) run on one
+// thread inside a serial section, where ATen and MKL open no region at all.
+
+// MKL's per-thread thread count (the C function behind mkl_service.h's mkl_set_num_threads_local;
+// the lowercase symbol is the Fortran interface), where torch's build has MKL: resolved at load
+// time, else null.
+extern "C" int MKL_Set_Num_Threads_Local(int) __attribute__((weak));
+
+// The calling thread's serial-section depth and the thread count its kernels use meanwhile.
+thread_local int tl_serial_depth = 0;
+thread_local int tl_kernel_threads = 1;
+thread_local int tl_mkl_saved = 0;
+
+void set_intraop_threads(int n) {
+#ifdef _OPENMP
+  omp_set_num_threads(n);
+#endif
+  (void)n;
+}
+
+// Enters (depth + 1) or leaves (depth - 1) the calling thread's serial section; nests.
+void serial_section(bool enter) {
+  if (enter) {
+    if (tl_serial_depth++ == 0) {
+      tl_kernel_threads = static_cast<int>(at::get_num_threads());  // also runs ATen's per-thread init first
+      set_intraop_threads(1);
+      tl_mkl_saved = MKL_Set_Num_Threads_Local ? MKL_Set_Num_Threads_Local(1) : 0;
+    }
+  } else {
+    CVK_EXPECT(tl_serial_depth > 0);
+    if (--tl_serial_depth == 0) {
+      set_intraop_threads(tl_kernel_threads);
+      if (MKL_Set_Num_Threads_Local) MKL_Set_Num_Threads_Local(tl_mkl_saved);
+    }
+  }
+}
+
+// A kernel's parallel region runs with the thread count the caller had outside a serial section.
+struct KernelThreads {
+  KernelThreads() {
+    if (tl_serial_depth > 0) set_intraop_threads(tl_kernel_threads);
+  }
+  ~KernelThreads() {
+    if (tl_serial_depth > 0) set_intraop_threads(1);
+  }
+  KernelThreads(const KernelThreads&) = delete;
+  KernelThreads& operator=(const KernelThreads&) = delete;
+};
+
+// While the machine is busy the kernels run on the calling thread alone (until this steady-clock
+// time, in ns): shared by all threads, a heuristic only (a kernel's result never depends on it).
+std::atomic<int64_t> g_serial_until_ns{0};
+constexpr int64_t kSerialBackoffNs = 200'000'000;  // how long a region found too costly stays avoided
+constexpr int64_t kMinWaitNs = 500'000;            // waits below this are never taken for contention
+
+int64_t now_ns() {
+  return std::chrono::duration_cast<std::chrono::nanoseconds>(std::chrono::steady_clock::now().time_since_epoch())
+      .count();
+}
+
+// Runs fn once on each thread of ATen's pool: the kernel's one parallel region. The work items are
+// handed out dynamically (an atomic counter) so a thread that the OS descheduled on a busy machine
+// does not hold the others back; which thread runs an item never changes its result, and items are
+// combined in order. The region still ends when its last thread arrives: when the calling thread
+// waited there longer than it worked (two threads can at best halve the time, so the region cost
+// more than it could save), the machine is taken as busy and the kernels run fn on the calling
+// thread alone for the next kSerialBackoffNs, then try the region again.
 template <typename F>
 void for_each_thread(const F& fn) {
+  const KernelThreads threads;
   const int64_t n = at::in_parallel_region() ? 1 : at::get_num_threads();
+  if (n == 1 || now_ns() < g_serial_until_ns.load(std::memory_order_relaxed)) {
+    fn();
+    return;
+  }
+  int64_t t0 = now_ns(), caller_done = 0;
   at::parallel_for(0, n, 1, [&](int64_t begin, int64_t end) {
     for (int64_t t = begin; t < end; ++t) fn();
+    if (at::get_thread_num() == 0) caller_done = now_ns();
   });
+  const int64_t t1 = now_ns();
+  if (caller_done > 0 && t1 - caller_done > std::max(kMinWaitNs, caller_done - t0))
+    g_serial_until_ns.store(t1 + kSerialBackoffNs, std::memory_order_relaxed);
 }
 
 // Number of token splits per batch row: a function of the shapes only (never of the thread count).
@@ -429,10 +516,32 @@ void xattn_forward_impl(const Tensor& x_cls, const Tensor& x_tokens, const Tenso
     part_z.resize(B * S * H * Cp);
   }
   const float ninf = -std::numeric_limits<float>::infinity();
+  std::vector<std::atomic<int64_t>> splits_done(S > 1 ? B : 0);
+  for (auto& d : splits_done) d.store(0, std::memory_order_relaxed);
+  // combines the S splits of row b (zacc: Cp floats of scratch)
+  const auto combine_row = [&](int64_t b, float* zacc) {
+    for (int64_t h = 0; h < H; ++h) {
+      float mx = ninf;
+      for (int64_t sp = 0; sp < S; ++sp) mx = std::max(mx, part_m[(b * S + sp) * H + h]);
+      float L = 0.f;
+      std::fill(zacc, zacc + Cp, 0.f);
+      for (int64_t sp = 0; sp < S; ++sp) {
+        const int64_t k = (b * S + sp) * H + h;
+        const float f = std::exp(part_m[k] - mx);
+        L += part_l[k] * f;
+        const float* pz = part_z.data() + k * Cp;
+        for (int64_t c = 0; c < C; ++c) zacc[c] += pz[c] * f;
+      }
+      lse_out[b * H + h] = mx + std::log(L);
+      const float inv = 1.f / L;
+      float* zr = z_out + (b * H + h) * C;
+      for (int64_t c = 0; c < C; ++c) zr[c] = zacc[c] * inv;
+    }
+  };
 
   std::atomic<int64_t> next_item{0};
   for_each_thread([&]() {
-    std::vector<float> row(Cp), xh(kTile * Cp), acc(H * Cp), sc(kTile * H), m(H), l(H);
+    std::vector<float> row(Cp), xh(kTile * Cp), acc(H * Cp), sc(kTile * H), m(H), l(H), zacc(S > 1 ? Cp : 0);
     float rs[kTile];
     for (int64_t item = next_item++; item < B * S; item = next_item++) {
       const int64_t b = item / S, split = item % S;
@@ -487,30 +596,9 @@ void xattn_forward_impl(const Tensor& x_cls, const Tensor& x_tokens, const Tenso
         std::copy(m.begin(), m.end(), part_m.begin() + item * H);
         std::copy(l.begin(), l.end(), part_l.begin() + item * H);
         std::copy(acc.begin(), acc.end(), part_z.begin() + item * H * Cp);
+        // the thread that finishes a row's last split combines the row, in split order
+        if (splits_done[b].fetch_add(1, std::memory_order_acq_rel) == S - 1) combine_row(b, zacc.data());
       }
-    }
-  });
-  if (S == 1) return;
-  // combine the splits of each row in split order
-  at::parallel_for(0, B * H, 1, [&](int64_t begin, int64_t end) {
-    std::vector<float> zacc(Cp);
-    for (int64_t bh = begin; bh < end; ++bh) {
-      const int64_t b = bh / H, h = bh % H;
-      float mx = ninf;
-      for (int64_t sp = 0; sp < S; ++sp) mx = std::max(mx, part_m[(b * S + sp) * H + h]);
-      float L = 0.f;
-      std::fill(zacc.begin(), zacc.end(), 0.f);
-      for (int64_t sp = 0; sp < S; ++sp) {
-        const int64_t k = (b * S + sp) * H + h;
-        const float f = std::exp(part_m[k] - mx);
-        L += part_l[k] * f;
-        const float* pz = part_z.data() + k * Cp;
-        for (int64_t c = 0; c < C; ++c) zacc[c] += pz[c] * f;
-      }
-      lse_out[bh] = mx + std::log(L);
-      const float inv = 1.f / L;
-      float* zr = z_out + bh * C;
-      for (int64_t c = 0; c < C; ++c) zr[c] = zacc[c] * inv;
     }
   });
 }
@@ -554,6 +642,8 @@ void xattn_backward_impl(const Tensor& x_cls, const Tensor& x_tokens, const Tens
   float* dw_out = dw.data_ptr<float>();
   std::vector<float> part_dw;
   if (S > 1) part_dw.resize(B * S * H * Cp);
+  std::vector<std::atomic<int64_t>> splits_done(S > 1 ? B : 0);
+  for (auto& d : splits_done) d.store(0, std::memory_order_relaxed);
 
   std::atomic<int64_t> next_item{0};
   for_each_thread([&]() {
@@ -601,18 +691,17 @@ void xattn_backward_impl(const Tensor& x_cls, const Tensor& x_tokens, const Tens
         for (int64_t h = 0; h < H; ++h) std::memcpy(dw_out + (b * H + h) * C, acc.data() + h * Cp, sizeof(float) * C);
       } else {
         std::copy(acc.begin(), acc.end(), part_dw.begin() + item * H * Cp);
-      }
-    }
-  });
-  if (S == 1) return;
-  at::parallel_for(0, B * H, 1, [&](int64_t begin, int64_t end) {
-    for (int64_t bh = begin; bh < end; ++bh) {
-      const int64_t b = bh / H, h = bh % H;
-      float* out = dw_out + bh * C;
-      std::fill(out, out + C, 0.f);
-      for (int64_t sp = 0; sp < S; ++sp) {
-        const float* p = part_dw.data() + ((b * S + sp) * H + h) * Cp;
-        for (int64_t c = 0; c < C; ++c) out[c] += p[c];
+        // the thread that finishes a row's last split sums the row's partials, in split order
+        if (splits_done[b].fetch_add(1, std::memory_order_acq_rel) == S - 1) {
+          for (int64_t h = 0; h < H; ++h) {
+            float* out = dw_out + (b * H + h) * C;
+            std::fill(out, out + C, 0.f);
+            for (int64_t sp = 0; sp < S; ++sp) {
+              const float* p = part_dw.data() + ((b * S + sp) * H + h) * Cp;
+              for (int64_t c = 0; c < C; ++c) out[c] += p[c];
+            }
+          }
+        }
       }
     }
   });
@@ -686,18 +775,16 @@ void gather_patches(const T* img, const int64_t* st, const PShape& p, A* out, bo
 // The inverse: img[ci, gy*ph + ky, gx*pw + kx] = patches[p, (ci, ky, kx)] (img contiguous).
 template <typename T, typename A>
 void scatter_patches(const A* patches, const PShape& p, T* img) {
-  at::parallel_for(0, p.gh * p.Cin, 1, [&](int64_t begin, int64_t end) {
-    for (int64_t r = begin; r < end; ++r) {
-      const int64_t gy = r / p.Cin, ci = r % p.Cin;
-      for (int64_t ky = 0; ky < p.ph; ++ky) {
-        T* dst = img + (ci * p.Hi + gy * p.ph + ky) * p.Wi;
-        for (int64_t gx = 0; gx < p.gw; ++gx) {
-          const A* src = patches + (gy * p.gw + gx) * p.K + (ci * p.ph + ky) * p.pw;
-          for (int64_t kx = 0; kx < p.pw; ++kx) dst[gx * p.pw + kx] = static_cast<T>(src[kx]);
-        }
+  for (int64_t r = 0; r < p.gh * p.Cin; ++r) {
+    const int64_t gy = r / p.Cin, ci = r % p.Cin;
+    for (int64_t ky = 0; ky < p.ph; ++ky) {
+      T* dst = img + (ci * p.Hi + gy * p.ph + ky) * p.Wi;
+      for (int64_t gx = 0; gx < p.gw; ++gx) {
+        const A* src = patches + (gy * p.gw + gx) * p.K + (ci * p.ph + ky) * p.pw;
+        for (int64_t kx = 0; kx < p.pw; ++kx) dst[gx * p.pw + kx] = static_cast<T>(src[kx]);
       }
     }
-  });
+  }
 }
 
 // One image: gather its patches (in L2), then rows = (bias + pos[1:]) + patches @ W^T written
@@ -718,23 +805,32 @@ void patch_embed_one(const Tensor& images, const Tensor& wt, const Tensor& posb,
   ob.select(0, 0).copy_(cls_row);
 }
 
+// Runs fn on each thread of the kernel's one parallel region (for_each_thread) with the caller's
+// grad and inference modes: worker threads inherit neither, and writing into an inference-mode
+// tensor from a worker outside inference mode fails.
+template <typename F>
+void for_each_thread_in_caller_modes(const F& fn) {
+  const bool inference = c10::InferenceMode::is_enabled();
+  for_each_thread([&]() {
+    const c10::InferenceMode inference_guard(inference);
+    const c10::NoGradGuard no_grad;
+    fn();
+  });
+}
+
 template <typename T, typename A>
 void patch_embed_forward_impl(const Tensor& images, const Tensor& wt, const Tensor& posb, const Tensor& cls_row,
                               const PShape& p, Tensor& out) {
   const auto aopt = images.options().dtype(acc_type(images.scalar_type()));
   const bool direct = std::is_same_v<T, A>;
-  if (p.B >= at::get_num_threads() && p.B > 1) {
-    // whole images per thread: one parallel region, each GEMM single-threaded on its own image
-    // Grad and inference modes are thread-local: worker threads inherit neither, so set both
-    // (without the inference guard, writing into an inference-mode `out` from a worker fails).
-    const bool inference = c10::InferenceMode::is_enabled();
-    at::parallel_for(0, p.B, 1, [&](int64_t begin, int64_t end) {
-      const c10::InferenceMode inference_guard(inference);
-      const c10::NoGradGuard no_grad;
+  if (p.B > 1) {
+    // whole images, handed out one at a time, each GEMM single-threaded on its own image
+    std::atomic<int64_t> next_image{0};
+    for_each_thread_in_caller_modes([&]() {
       Tensor patches = at::empty({p.P, p.K}, aopt);
       Tensor tmp = direct ? Tensor() : at::empty({p.P, p.C}, aopt);
-      for (int64_t b = begin; b < end; ++b) patch_embed_one<T, A>(images, wt, posb, cls_row, p, out, b, patches, tmp,
-                                                                  false);
+      for (int64_t b = next_image++; b < p.B; b = next_image++)
+        patch_embed_one<T, A>(images, wt, posb, cls_row, p, out, b, patches, tmp, false);
     });
   } else {
     Tensor patches = at::empty({p.P, p.K}, aopt);
@@ -767,23 +863,48 @@ Tensor patch_embed_forward(const Tensor& images, const Tensor& weight, const std
   return out;
 }
 
+// Images per weight-gradient partial of the backward (fixed: the result does not depend on the
+// thread count) is ceil(B / kImageChunks).
+constexpr int64_t kImageChunks = 8;
+
 template <typename T, typename A>
 void patch_embed_backward_impl(const Tensor& g, const Tensor& images, const Tensor& wmat, const PShape& p,
                                bool needs_images_grad, Tensor& dW, Tensor& d_images) {
   const T* img = images.data_ptr<T>();
   const int64_t st[3] = {images.stride(1), images.stride(2), images.stride(3)};
   const auto aopt = images.options().dtype(acc_type(images.scalar_type()));
-  Tensor patches = at::empty({p.P, p.K}, aopt);
-  Tensor dpatch = needs_images_grad ? at::empty({p.P, p.K}, aopt) : Tensor();
-  for (int64_t b = 0; b < p.B; ++b) {
-    Tensor gb = g.select(0, b).narrow(0, 1, p.P);  // (P, C)
-    if (gb.scalar_type() != patches.scalar_type()) gb = gb.to(patches.scalar_type());
-    gather_patches<T, A>(img + b * images.stride(0), st, p, patches.data_ptr<A>());
-    dW.addmm_(gb.t(), patches);  // dW += g_b^T @ patches_b, batches in order
-    if (needs_images_grad) {
-      at::mm_out(dpatch, gb, wmat);
-      scatter_patches<T, A>(dpatch.data_ptr<A>(), p, d_images.data_ptr<T>() + b * p.Cin * p.Hi * p.Wi);
+  // One parallel region over chunks of images: chunk c sums g_b^T @ patches_b of its images, in
+  // order, into its own partial; the thread that finishes the last chunk adds the partials in
+  // chunk order.
+  const int64_t per = (p.B + kImageChunks - 1) / kImageChunks;
+  const int64_t nch = (p.B + per - 1) / per;
+  Tensor partial = at::zeros({nch, p.C, p.K}, aopt);
+  std::atomic<int64_t> next_chunk{0}, chunks_done{0};
+  const auto work = [&]() {
+    Tensor patches = at::empty({p.P, p.K}, aopt);
+    Tensor dpatch = needs_images_grad ? at::empty({p.P, p.K}, aopt) : Tensor();
+    for (int64_t c = next_chunk++; c < nch; c = next_chunk++) {
+      Tensor dWc = partial.select(0, c);
+      for (int64_t b = c * per; b < std::min(p.B, (c + 1) * per); ++b) {
+        Tensor gb = g.select(0, b).narrow(0, 1, p.P);  // (P, C)
+        if (gb.scalar_type() != patches.scalar_type()) gb = gb.to(patches.scalar_type());
+        gather_patches<T, A>(img + b * images.stride(0), st, p, patches.data_ptr<A>(), false);
+        dWc.addmm_(gb.t(), patches);
+        if (needs_images_grad) {
+          at::mm_out(dpatch, gb, wmat);
+          scatter_patches<T, A>(dpatch.data_ptr<A>(), p, d_images.data_ptr<T>() + b * p.Cin * p.Hi * p.Wi);
+        }
+      }
+      if (chunks_done.fetch_add(1, std::memory_order_acq_rel) == nch - 1) {
+        dW.copy_(partial.select(0, 0));
+        for (int64_t k = 1; k < nch; ++k) dW.add_(partial.select(0, k));
+      }
     }
+  };
+  if (nch > 1) {
+    for_each_thread_in_caller_modes(work);
+  } else {
+    work();  // one image: its GEMMs may use the threads themselves
   }
 }
 
@@ -800,7 +921,7 @@ std::tuple<std::optional<Tensor>, Tensor, std::optional<Tensor>, Tensor, Tensor>
   Tensor d_cls = d_pos.select(0, 0).clone();
   std::optional<Tensor> d_bias;
   if (has_bias) d_bias = d_pos.narrow(0, 1, p.P).sum(0).to(weight.scalar_type());
-  Tensor dW = at::zeros({p.C, p.K}, images.options().dtype(acc));
+  Tensor dW = at::empty({p.C, p.K}, images.options().dtype(acc));
   Tensor wmat = weight.reshape({p.C, p.K}).to(acc).contiguous();
   std::optional<Tensor> d_images;
   Tensor di;
@@ -840,6 +961,7 @@ std::string cpu_capability() {
 TORCH_LIBRARY(crossvit_kernels_cpu, m) {
   crossvit_common::define_operators(m);
   m.def("cpu_capability() -> str", &cvk::cpu_capability);
+  m.def("serial_section(bool enter) -> ()", &cvk::serial_section);
 }
 
 TORCH_LIBRARY_IMPL(crossvit_kernels_cpu, CPU, m) {

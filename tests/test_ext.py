@@ -179,6 +179,46 @@ def test_thread_count_does_not_change_results(B, M, C, H):
         assert torch.equal(a, b), "results differ between 1 and 2 threads"
 
 
+def _mkl_threads():
+    info = torch.__config__.parallel_info()
+    return info.split("mkl_get_max_threads() :")[1].split()[0] if "mkl_get_max_threads() :" in info else None
+
+
+@requires_cpp
+def test_serial_sections_leave_the_thread_counts_and_results_alone():
+    """The cpp backend runs each op in a serial section of the calling thread (one parallel region per
+    kernel): the caller's ATen and MKL thread counts are restored afterwards, also when a kernel
+    raises inside the section, and the results of the whole ops, forward and backward, are bitwise
+    the same with 1 and 2 threads."""
+    from crossvit_kernels.backends import get_backend
+    torch.manual_seed(0)
+    B, N, C, H = 5, 40, 24, 3
+    x = torch.randn(B, N, C, requires_grad=True)
+    ps = [torch.randn(C) for _ in range(2)] + [torch.randn(C, C) * 0.2 if i % 2 == 0 else torch.randn(C)
+                                               for i in range(8)]
+    images = torch.randn(9, 3, 24, 24, requires_grad=True)   # 9 images: several weight-gradient chunks
+    pe = (torch.randn(C, 3, 12, 12, requires_grad=True), torch.randn(C), torch.randn(5, C), torch.randn(C))
+    previous, mkl = torch.get_num_threads(), _mkl_threads()
+    results = []
+    try:
+        for n in (1, 2):
+            torch.set_num_threads(n)
+            out = crossvit_kernels.ops.cross_attention(x[:, 0], x[:, 1:], *ps, num_heads=H, backend="cpp")
+            tok = crossvit_kernels.ops.patch_embed(images, *pe, backend="cpp")
+            g = torch.autograd.grad(out.square().sum() + tok.square().sum(), (x, images, pe[0]))
+            results.append((out, tok) + g)
+            assert torch.get_num_threads() == n
+        torch.set_num_threads(2)
+        with pytest.raises(RuntimeError, match="Hi % ph == 0"):   # raised by the kernel, inside the section
+            get_backend("cpp").patch_embed_forward(torch.randn(1, 3, 10, 10), torch.randn(4, 3, 3, 3), None,
+                                                   torch.randn(10, 4), torch.randn(4))
+        assert torch.get_num_threads() == 2 and _mkl_threads() == mkl
+    finally:
+        torch.set_num_threads(previous)
+    for a, b in zip(*results):
+        assert torch.equal(a, b), "results differ between 1 and 2 threads"
+
+
 # ---------------------------------------------------------------------------------------------
 # patch embedding through the public entry
 # ---------------------------------------------------------------------------------------------
@@ -307,6 +347,7 @@ BAD_CALLS = {
         "ops.patch_embed_backward(torch.randn(1, 4, 4, device=dev), torch.randn(1, 3, 6, 6, device=dev), "
         "torch.randn(4, 3, 3, 3, device=dev), True, True)", "grad_out.sizes().equals({B, 1 + P, C})"),
     "cpu_capability": ("ops.cpu_capability(torch.randn(2))", None),  # no argument expected
+    "serial_section": ("ops.serial_section(False)", "tl_serial_depth > 0"),  # leaving a section never entered
 }
 
 _CHILD = """

@@ -26,6 +26,7 @@ Dtypes: float32, bfloat16 and float16 (float32 accumulation); float64 for patch_
 """
 from __future__ import annotations
 
+import contextlib
 import importlib
 import threading
 from typing import Dict, NamedTuple, Optional
@@ -126,9 +127,40 @@ class _ExtensionBackend(Backend):
 
 
 class CppBackend(_ExtensionBackend):
+    """The CPU kernels. Each op runs in a serial section of the calling thread: the small steps
+    around the kernels (the B x C x C projections, the CLS's LayerNorm, the batch sums) open no
+    parallel region, and each kernel opens exactly one, with the caller's thread count and work
+    handed out dynamically. On a busy machine every parallel region costs up to a scheduler slice
+    (a thread whose core another process holds arrives late at its end), so the number of regions,
+    not the work, decides a call's time there (docs/design.md, section 10)."""
+
     name = "cpp"
     kind = "cpu"
     devices = ("cpu",)
+
+    @contextlib.contextmanager
+    def _serial(self):
+        self._ops.serial_section(True)
+        try:
+            yield
+        finally:
+            self._ops.serial_section(False)
+
+    def cross_attention_forward(self, *args):
+        with self._serial():
+            return super().cross_attention_forward(*args)
+
+    def cross_attention_backward(self, *args):
+        with self._serial():
+            return super().cross_attention_backward(*args)
+
+    def patch_embed_forward(self, *args):
+        with self._serial():
+            return super().patch_embed_forward(*args)
+
+    def patch_embed_backward(self, *args):
+        with self._serial():
+            return super().patch_embed_backward(*args)
 
 
 class CudaBackend(_ExtensionBackend):
