@@ -38,7 +38,8 @@ def fusion_stage(x0: Tensor, x1: Tensor, params: Sequence[Optional[Tensor]], hea
     """Both directions of a multi-scale block's cross-attention fusion: returns [out0, out1].
 
     Args:
-        x0, x1: (B, 1 + N0, C0), (B, 1 + N1, C1) the branches' tokens, CLS first (never written).
+        x0, x1: (B, 1 + N0, C0), (B, 1 + N1, C1) the branches' tokens, CLS first (never written);
+            B >= 0 (an empty batch runs :func:`fusion_stage_reference`).
         params: 36 tensors, direction 0's FUSION_PARAMS then direction 1's (bq, bk, bv may be None).
         heads: (H0, H1), the heads of each direction's attention (H_d divides C_j).
         eps: 6 LayerNorm epsilons, (eps_f, eps_n, eps_g) per direction.
@@ -49,7 +50,9 @@ def fusion_stage(x0: Tensor, x1: Tensor, params: Sequence[Optional[Tensor]], hea
     _validate(x0, x1, params, heads, eps, backend)
     heads, eps = [int(h) for h in heads], [float(e) for e in eps]
     name = _stage_backend(backend, x0)
-    if name is None or traced_as_aten():
+    if name is None or x0.shape[0] == 0 or traced_as_aten():
+        # an empty batch has nothing to fuse (the backends take B >= 1): the textbook form gives the
+        # empty outputs and their graph
         return fusion_stage_reference(x0, x1, params, heads, eps)
     present = [p for p in params if p is not None]
     layout = heads + [int(p is not None) for p in params]
@@ -87,13 +90,13 @@ def fusion_stage_reference(x0: Tensor, x1: Tensor, params: Sequence[Optional[Ten
         p = dict(zip(FUSION_PARAMS, params[d * _NP:(d + 1) * _NP]))
         H = heads[d]
         B, _, Ci = xi.shape
-        Cj = xj.shape[2]
+        Nj, Cj = xj.shape[1], xj.shape[2]
         D = Cj // H
         qx = F.linear(F.gelu(F.layer_norm(xi[:, 0], (Ci,), p["f_ln_w"], p["f_ln_b"], eps[3 * d])), p["f_w"], p["f_b"])
         y = F.layer_norm(torch.cat([qx[:, None], xj[:, 1:]], 1), (Cj,), p["n_w"], p["n_b"], eps[3 * d + 1])
         q = F.linear(y[:, :1], p["wq"], p["bq"]).reshape(B, 1, H, D).transpose(1, 2)
-        k = F.linear(y, p["wk"], p["bk"]).reshape(B, -1, H, D).transpose(1, 2)
-        v = F.linear(y, p["wv"], p["bv"]).reshape(B, -1, H, D).transpose(1, 2)
+        k = F.linear(y, p["wk"], p["bk"]).reshape(B, Nj, H, D).transpose(1, 2)
+        v = F.linear(y, p["wv"], p["bv"]).reshape(B, Nj, H, D).transpose(1, 2)
         a = ((q @ k.transpose(-2, -1)) * D ** -0.5).softmax(-1)
         c = qx + F.linear((a @ v).transpose(1, 2).reshape(B, Cj), p["wo"], p["bo"])
         new = F.linear(F.gelu(F.layer_norm(c, (Cj,), p["g_ln_w"], p["g_ln_b"], eps[3 * d + 2])), p["g_w"], p["g_b"])
