@@ -16,6 +16,7 @@ Direction d (i = d, j = 1 - d), with the FUSION_PARAMS of the contract::
 """
 from __future__ import annotations
 
+import collections.abc
 from typing import List, Optional, Sequence, Tuple
 
 import torch
@@ -46,8 +47,7 @@ def fusion_stage(x0: Tensor, x1: Tensor, params: Sequence[Optional[Tensor]], hea
         backend: None (the current default), "auto" or a name. A backend that does not declare the
             stage runs :func:`fusion_stage_reference` (the textbook composition).
     """
-    params = list(params)
-    _validate(x0, x1, params, heads, eps, backend)
+    params = _validate(x0, x1, params, heads, eps, backend)
     heads, eps = [int(h) for h in heads], [float(e) for e in eps]
     name = _stage_backend(backend, x0)
     if name is None or x0.shape[0] == 0 or traced_as_aten():
@@ -108,17 +108,35 @@ def fusion_stage_reference(x0: Tensor, x1: Tensor, params: Sequence[Optional[Ten
 # argument checks
 # ---------------------------------------------------------------------------------------------
 
-def _validate(x0, x1, params, heads, eps, backend) -> None:
+def _sequence(name: str, value, what: str) -> list:
+    """``value`` as a list, or a TypeError saying what ``name`` must be (a tensor, a string or a
+    mapping is not a sequence of arguments here, though Python can iterate over it)."""
+    if isinstance(value, (str, bytes, torch.Tensor)) or not isinstance(value, collections.abc.Sequence):
+        raise TypeError(f"{name} must be a list or tuple of {what}, got {type(value).__name__}")
+    return list(value)
+
+
+def _validate(x0, x1, params, heads, eps, backend) -> List[Optional[Tensor]]:
+    """Checks every argument of :func:`fusion_stage`; returns ``params`` as a list."""
     check_tensor("x0", x0, ndim=3)
     check_tensor("x1", x1, ndim=3)
     if x0.shape[0] != x1.shape[0]:
         raise ValueError(f"batch sizes disagree: x0 has {x0.shape[0]} rows, x1 {x1.shape[0]}")
     if x0.shape[1] < 1 or x1.shape[1] < 1:
         raise ValueError(f"each branch needs its CLS token: got x0 {tuple(x0.shape)}, x1 {tuple(x1.shape)}")
+    if x0.shape[2] == 0 or x1.shape[2] == 0:
+        raise ValueError(f"empty width: got x0 {tuple(x0.shape)}, x1 {tuple(x1.shape)}; need C0, C1 >= 1")
+    params = _sequence("params", params, f"{2 * _NP} tensors (FUSION_PARAMS per direction, None for an absent "
+                                         f"{', '.join(FUSION_OPTIONAL)})")
     if len(params) != 2 * _NP:
         raise ValueError(f"params must hold {2 * _NP} entries (FUSION_PARAMS per direction), got {len(params)}")
-    if len(heads) != 2 or len(eps) != 6:
-        raise ValueError(f"heads must be (H0, H1) and eps six LayerNorm epsilons, got {heads!r}, {eps!r}")
+    heads = _sequence("heads", heads, "two head counts (H0, H1)")
+    eps = _sequence("eps", eps, "six LayerNorm epsilons (eps_f, eps_n, eps_g per direction)")
+    if len(heads) != 2:
+        raise ValueError(f"heads must be (H0, H1), one head count per direction, got {len(heads)}: {heads!r}")
+    if len(eps) != 6:
+        raise ValueError(f"eps must hold six LayerNorm epsilons (eps_f, eps_n, eps_g per direction), got "
+                         f"{len(eps)}: {eps!r}")
     named = {"x0": x0, "x1": x1}
     for d, (Ci, Cj) in enumerate(((x0.shape[2], x1.shape[2]), (x1.shape[2], x0.shape[2]))):
         shapes = dict(f_ln_w=(Ci,), f_ln_b=(Ci,), f_w=(Cj, Ci), f_b=(Cj,), n_w=(Cj,), n_b=(Cj,), wq=(Cj, Cj),
@@ -126,16 +144,22 @@ def _validate(x0, x1, params, heads, eps, backend) -> None:
                       g_ln_b=(Cj,), g_w=(Ci, Cj), g_b=(Ci,))
         for k, name in enumerate(FUSION_PARAMS):
             t = params[d * _NP + k]
-            check_tensor(f"{name}{d}", t, shape=shapes[name], optional=name in FUSION_OPTIONAL)
+            try:
+                check_tensor(f"{name}{d}", t, shape=shapes[name], optional=name in FUSION_OPTIONAL)
+            except ValueError as exc:
+                raise ValueError(f"{exc} (params[{d * _NP + k}]: direction {d} projects x{d}'s width "
+                                 f"C{d}={Ci} to x{1 - d}'s C{1 - d}={Cj} and back)") from None
             named[f"{name}{d}"] = t
         h = heads[d]
         if isinstance(h, bool) or not isinstance(h, int) or h <= 0 or Cj % h:
-            raise ValueError(f"heads[{d}]={h!r} must be a positive int dividing C={Cj}")
+            raise ValueError(f"heads[{d}]={h!r} must be a positive int dividing C{1 - d}={Cj} (direction {d} "
+                             f"attends over x{1 - d}'s tokens)")
     check_same(named)
     for e in eps:
         if isinstance(e, bool) or not isinstance(e, (int, float)) or not e > 0:
             raise ValueError(f"every eps must be a positive number, got {eps!r}")
     check_backend_arg(backend)
+    return params
 
 
 # ---------------------------------------------------------------------------------------------
