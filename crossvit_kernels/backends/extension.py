@@ -23,6 +23,9 @@ remembered with its reason and never raised from here:
 
 Both implement the cores; the whole op around them is the inherited absorbed formulation.
 Dtypes: float32, bfloat16 and float16 (float32 accumulation); float64 for patch_embed only.
+The CUDA kernels' launch limits (csrc/crossvit_cuda.cu, ``expect_core_inputs`` and ``pick_tile``)
+are declared as ``CudaBackend.size_limits``: inputs beyond them go to another backend, never to
+the kernels' own RuntimeError.
 """
 from __future__ import annotations
 
@@ -32,7 +35,7 @@ from typing import Dict, NamedTuple, Optional
 
 import torch
 
-from .base import FLOAT_DTYPES, HALF_AND_SINGLE, Backend
+from .base import FLOAT_DTYPES, HALF_AND_SINGLE, Backend, SizeLimit, shared_memory_per_block
 
 __all__ = ["CppBackend", "CudaBackend", "Status", "status"]
 
@@ -131,10 +134,36 @@ class CppBackend(_ExtensionBackend):
     devices = ("cpu",)
 
 
+#: threads per block of the CUDA cross-attention kernels (kThreads): one thread per head at most
+CUDA_THREADS = 256
+#: the CUDA grid's y dimension, which holds the batch row of the cross-attention kernels
+CUDA_GRID_Y = 65535
+
+
+def cuda_core_shared_bytes(sizes) -> int:
+    """Shared memory per block of the CUDA cross-attention backward at its smallest token tile (one
+    token), in bytes: (3 H C + 2 H) floats for the row's w, z, dz and softmax state, plus 2 C + 2 H + 1
+    per token (pick_tile's arguments in csrc/crossvit_cuda.cu). The forward needs less, (2 H C + 3 H)
+    + (C + H); the op's limit is the larger, since one backend runs both."""
+    H, C = sizes["H"], sizes["C"]
+    return 4 * ((3 * H * C + 2 * H) + (2 * C + 2 * H + 1))
+
+
 class CudaBackend(_ExtensionBackend):
     name = "cuda"
     kind = "cuda"
     devices = ("cuda",)
+    size_limits = {"cross_attention": (
+        SizeLimit("the batch size B", lambda s: s["B"], CUDA_GRID_Y,
+                  "the CUDA kernels put the batch on the grid's y dimension; split the batch, or use "
+                  "backend='triton' or 'torch'"),
+        SizeLimit("the number of heads H", lambda s: s["H"], CUDA_THREADS,
+                  f"one thread per head in a block of {CUDA_THREADS}; use backend='triton' or 'torch'"),
+        SizeLimit("the shared memory of the backward kernel (bytes per block)", cuda_core_shared_bytes,
+                  shared_memory_per_block,
+                  "(3 H C + 4 H + 2 C + 1) floats at its smallest token tile, more than this GPU has per "
+                  "block; use backend='triton' or 'torch'"),
+    )}
 
     def unavailable_reason(self) -> Optional[str]:
         if torch.version.cuda is None:

@@ -111,7 +111,9 @@ def _cross_attention(x_cls, x_tokens, norm_weight, norm_bias, wq, bq, wk, bk, wv
         # the absorbed formulation in standard, differentiable operators: no custom op in the graph
         return absorbed_cross_attention(x_cls, x_tokens, norm_weight, norm_bias, wq, bq, wk, wv, bv, wo, bo, num_heads,
                                         eps, residual)
-    name = _backends.resolve_backend("cross_attention", name, x_cls.device, x_cls.dtype)
+    name = _backends.resolve_backend("cross_attention", name, x_cls.device, x_cls.dtype,
+                                     {"B": x_tokens.shape[0], "M": x_tokens.shape[1], "C": x_tokens.shape[2],
+                                      "H": num_heads})
     args = (x_cls, x_tokens, norm_weight, norm_bias, wq, bq, wk, bk, wv, bv, wo, bo)
     if not plain_eager(args):
         return torch.ops.crossvit_kernels.cross_attention(*args, num_heads, eps, residual, name)[0]

@@ -49,7 +49,7 @@ def fusion_stage(x0: Tensor, x1: Tensor, params: Sequence[Optional[Tensor]], hea
     """
     params = _validate(x0, x1, params, heads, eps, backend)
     heads, eps = [int(h) for h in heads], [float(e) for e in eps]
-    name = _stage_backend(backend, x0)
+    name = _stage_backend(backend, x0, x1, heads)
     if name is None or x0.shape[0] == 0 or traced_as_aten():
         # an empty batch has nothing to fuse (the backends take B >= 1): the textbook form gives the
         # empty outputs and their graph
@@ -64,15 +64,18 @@ def fusion_stage(x0: Tensor, x1: Tensor, params: Sequence[Optional[Tensor]], hea
         return _backends.get_backend(name).fusion_stage_forward(x0, x1, params, heads, eps)[:2]
 
 
-def _stage_backend(backend: Optional[str], x0: Tensor) -> Optional[str]:
-    """The backend that runs the stage for x0's device and dtype, or None (no backend declares it)."""
+def _stage_backend(backend: Optional[str], x0: Tensor, x1: Tensor, heads: Sequence[int]) -> Optional[str]:
+    """The backend that runs the stage for the branches' device, dtype and sizes, or None (no
+    backend declares it for them, within its limits)."""
     name = _backends.check_name(backend if backend is not None else _backends.get_default_backend())
     if name == "reference":
         return None
+    sizes = {"B": x0.shape[0], "N0": x0.shape[1] - 1, "C0": x0.shape[2], "N1": x1.shape[1] - 1, "C1": x1.shape[2],
+             "H0": heads[0], "H1": heads[1]}
     if name != "auto":
-        return name if _backends.supports(name, "fusion_stage", x0.device, x0.dtype) is None else None
+        return name if _backends.supports(name, "fusion_stage", x0.device, x0.dtype, sizes) is None else None
     try:
-        return _backends.resolve_backend("fusion_stage", "auto", x0.device, x0.dtype)
+        return _backends.resolve_backend("fusion_stage", "auto", x0.device, x0.dtype, sizes)
     except RuntimeError:
         return None
 
@@ -349,12 +352,6 @@ def fuse_modules(projs: Sequence[nn.Module], fusion: Sequence[nn.Module], revert
     backend = _block_backend(fusion[0])
     if _block_backend(fusion[1]) != backend:
         return None
-    try:
-        name = _stage_backend(backend, x0)
-    except (TypeError, ValueError):
-        return None
-    if name is None:
-        return None
     params, heads, eps = [], [], []
     for d in range(2):
         (fln, flin), (n, a), (gln, glin) = fs[d], blocks[d], gs[d]
@@ -364,7 +361,10 @@ def fuse_modules(projs: Sequence[nn.Module], fusion: Sequence[nn.Module], revert
         heads.append(int(a.num_heads))
         eps += [float(fln.eps), float(n.eps), float(gln.eps)]
     try:
-        _validate(x0, x1, params, heads, eps, name)
+        _validate(x0, x1, params, heads, eps, backend)
+        name = _stage_backend(backend, x0, x1, heads)
     except (TypeError, ValueError):
+        return None
+    if name is None:
         return None
     return fusion_stage(x0, x1, params, heads, eps, backend=name)

@@ -67,7 +67,10 @@ def patch_embed(
     if name == "reference" or images.shape[0] == 0 or traced_as_aten():
         # an empty batch has nothing to fuse; ONNX and torch.func take the convolution as it is
         return ReferenceBackend.patch_embed(images, weight, bias, pos_embed, cls_token)
-    name = _backends.resolve_backend("patch_embed", name, images.device, images.dtype)
+    B, Cin, IH, IW = images.shape
+    _, _, PH, PW = weight.shape
+    name = _backends.resolve_backend("patch_embed", name, images.device, images.dtype,
+                                     {"B": B, "Cin": Cin, "IH": IH, "IW": IW, "C": C, "PH": PH, "PW": PW})
     args = (images, weight, bias, pos_embed, cls_token)
     if not plain_eager(args):
         return torch.ops.crossvit_kernels.patch_embed(*args, name)
