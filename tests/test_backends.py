@@ -121,16 +121,18 @@ F32 = torch.float32
 CPU = torch.device("cpu")
 
 
-def _limited_cpp(monkeypatch, limit):
+def _limited_cpp(monkeypatch, limit, backward=False):
     """Registers a stand-in for "cpp" (the torch backend's cores, on CPU tensors) whose
-    cross_attention declares B <= ``limit``; it counts its core calls."""
+    cross_attention declares B <= ``limit`` (for its backward alone with ``backward``); it counts
+    its core calls."""
     from crossvit_kernels.backends.base import SizeLimit
     from crossvit_kernels.backends.pytorch import TorchBackend
 
     class Limited(TorchBackend):
         name = "cpp"
         devices = ("cpu",)
-        size_limits = {"cross_attention": (SizeLimit("the batch size B", lambda s: s["B"], limit, "a test's limit"),)}
+        size_limits = {"cross_attention": (SizeLimit("the batch size B", lambda s: s["B"], limit, "a test's limit",
+                                                     backward=backward),)}
         calls = 0
 
         def cross_attention_core_forward(self, *args):
@@ -179,6 +181,27 @@ def test_size_limit_applies_to_the_op_call(monkeypatch):
     assert limited.calls == 1
 
 
+def test_backward_limit_applies_to_inputs_that_need_a_gradient(monkeypatch):
+    """A limit of the backward's kernels alone: inference over it stays on the backend, training
+    goes to the next one (auto) or is refused (by name); explain_dispatch says which it answers."""
+    limited = _limited_cpp(monkeypatch, 2, backward=True)
+    big = dict(B=3, M=3, C=8, H=2)
+    assert backends.supports("cpp", "cross_attention", "cpu", F32, big, backward=False) is None
+    assert "limit of 2" in backends.supports("cpp", "cross_attention", "cpu", F32, big)
+    assert "; forward only) on cpu torch.float32: auto -> cpp" in ck.explain_dispatch(
+        "cross_attention", "cpu", F32, big, backward=False)
+    inp = cross_attention_inputs(3, 3, 8, 2, F32, requires_grad=False)
+    run_cross_attention(inp, "cpp")
+    with torch.no_grad():
+        run_cross_attention(cross_attention_inputs(3, 3, 8, 2, F32), None)
+    assert limited.calls == 2
+    train = cross_attention_inputs(3, 3, 8, 2, F32)
+    out, grads = run_cross_attention(train, None, torch.ones(3, 8))
+    assert limited.calls == 2 and grads["x_cls"] is not None
+    with pytest.raises(NotImplementedError, match="the batch size B is 3, more than the cpp backend's limit of 2"):
+        run_cross_attention(train, "cpp")
+
+
 def test_size_limit_reads_its_dtypes_devices_and_device_maximum():
     from crossvit_kernels.backends.base import Backend, SizeLimit
 
@@ -223,15 +246,20 @@ def test_cuda_backend_declares_its_launch_limits(monkeypatch):
     assert cuda.limits("cross_attention", dev, bf16, dict(ok, C=1024, H=512)).startswith(
         "the number of heads H is 512, more than the cuda backend's limit of 256")
     assert cuda.limits("cross_attention", dev, bf16, dict(ok, C=768, H=12)) is None        # CrossViT-B
-    # the backward at its one-token tile: (3 H C + 4 H + 2 C + 1) floats, exactly at and above the GPU's
-    need = 4 * (3 * 16 * 2048 + 4 * 16 + 2 * 2048 + 1)
-    assert cuda.limits("cross_attention", dev, bf16, dict(ok, C=2048, H=16)).startswith(
+    # at their one-token tiles the forward needs (2 H C + 4 H + C) floats, the backward
+    # (3 H C + 4 H + 2 C + 1): C = 1536, H = 16 fits an H100 forward only, C = 2048 not at all
+    wide, wider = dict(ok, C=1536, H=16), dict(ok, C=2048, H=16)
+    need = 4 * (3 * 16 * 1536 + 4 * 16 + 2 * 1536 + 1)
+    assert cuda.limits("cross_attention", dev, bf16, wide).startswith(
         f"the shared memory of the backward kernel (bytes per block) is {need}, more than the cuda backend's "
         f"limit of {227 * 1024}")
-    _h100_shared_memory(monkeypatch, need)
-    assert cuda.limits("cross_attention", dev, bf16, dict(ok, C=2048, H=16)) is None
+    assert cuda.limits("cross_attention", dev, bf16, wide, backward=False) is None
+    assert cuda.limits("cross_attention", dev, bf16, wider, backward=False).startswith(
+        f"the shared memory of the forward kernel (bytes per block) is {4 * (2 * 16 * 2048 + 4 * 16 + 2048)}")
+    _h100_shared_memory(monkeypatch, need)                                       # exactly at the GPU's
+    assert cuda.limits("cross_attention", dev, bf16, wide) is None
     _h100_shared_memory(monkeypatch, need - 1)
-    assert cuda.limits("cross_attention", dev, bf16, dict(ok, C=2048, H=16)) is not None
+    assert cuda.limits("cross_attention", dev, bf16, wide) is not None
     # the patch embedding's kernels loop over any size
     pe = dict(B=10 ** 6, Cin=3, IH=240, IW=240, C=4096, PH=12, PW=12)
     assert cuda.limits("patch_embed", dev, bf16, pe) is None

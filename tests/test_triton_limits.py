@@ -66,14 +66,16 @@ def test_crossvit_shapes_stay_on_triton_on_an_h100(triton_backend):
 
 def test_shared_memory_limit_refuses_what_an_h100_cannot_launch(triton_backend):
     """CrossViT-B in float32 needs 327808 bytes per program in the token pass's backward on sm_90
-    (the compiler's figure): more than an H100 has, so the limit sends it elsewhere; a head width
-    of 1024 overflows the projection kernels the same way. On the CPU (the interpreter) there is no
-    shared-memory limit."""
+    (the compiler's figure): more than an H100 has, so the limit sends training elsewhere, while
+    inference (196736 bytes forward) stays; a head width of 1024 overflows the forward's projection
+    kernels. On the CPU (the interpreter) there is no shared-memory limit."""
     for op, sizes in (("cross_attention", xattn_sizes(768, 12)), ("fusion_stage", stage_sizes(384, 768, 12, 12))):
         reason = triton_backend.limits(op, GPU, F32, sizes)
-        assert reason is not None and "shared memory" in reason and f"limit of {H100_SMEM}" in reason
+        assert reason is not None and "backward" in reason and f"limit of {H100_SMEM}" in reason
+        assert triton_backend.limits(op, GPU, F32, sizes, backward=False) is None
         assert triton_backend.limits(op, torch.device("cpu"), F32, sizes) is None
-    assert "shared memory" in triton_backend.limits("cross_attention", GPU, BF16, xattn_sizes(1024, 1))
+    reason = triton_backend.limits("cross_attention", GPU, BF16, xattn_sizes(1024, 1), backward=False)
+    assert reason.startswith("the shared memory of the forward's largest launch")
 
 
 def test_grid_limit(triton_backend):
@@ -140,8 +142,8 @@ def _nvidia_reason():
 #: ("x", C, H, dtype) cross-attentions and ("s", C0, C1, H0, H1, dtype) stages, small to compile
 #: and spread over the bounds' terms: wide tokens, many heads, wide heads, every dtype
 BOUND_CASES = [("x", 448, 7, "bfloat16"), ("x", 256, 64, "bfloat16"), ("x", 128, 1, "float32"),
-               ("x", 96, 3, "float16"), ("x", 64, 4, "float64"), ("s", 224, 448, 7, 7, "bfloat16"),
-               ("s", 16, 16, 1, 1, "bfloat16")]
+               ("x", 96, 3, "float16"), ("x", 64, 4, "float64"), ("x", 768, 12, "float32"),
+               ("s", 224, 448, 7, 7, "bfloat16"), ("s", 16, 16, 1, 1, "float32")]
 
 _CHILD = """
 import json, os, sys
@@ -174,9 +176,11 @@ for case in json.loads(sys.argv[1]):
         saved = [torch.zeros(t.shape, dtype=t.dtype) for t in res[2:]]
         douts = [torch.zeros_like(inp["x0"]), torch.zeros_like(inp["x1"])]
         _, bwd = sm90.capture_launches(FS.fusion_stage_backward, *douts, *args[:3], saved, *args[3:])
-    shared = {}
-    for launch in fwd + bwd:
-        shared[launch.name] = max(shared.get(launch.name, 0), sm90.compile_launch(launch)["shared"])
+    shared = {"fwd": {}, "bwd": {}}
+    for which, launches in (("fwd", fwd), ("bwd", bwd)):
+        for launch in launches:
+            got = sm90.compile_launch(launch)["shared"]
+            shared[which][launch.name] = max(shared[which].get(launch.name, 0), got)
     out.append([case, shared])
 print('RESULT' + json.dumps(out))
 """
@@ -185,7 +189,8 @@ print('RESULT' + json.dumps(out))
 @pytest.mark.skipif(_nvidia_reason() is not None, reason=str(_nvidia_reason()))
 def test_shared_memory_bounds_hold_for_sm90(triton_backend):
     """Every launch of each case, captured from the launchers and compiled for sm_90 with the
-    bundled Triton, takes no more shared memory than the bound the backend's limits use."""
+    bundled Triton, takes no more shared memory than the bound the backend's limits use for its
+    pass (forward, backward)."""
     from crossvit_kernels.backends.triton import fusion as FS
     from crossvit_kernels.backends.triton.limits import _xattn_shared
     install = dict(triton_installs())["bundled"]
@@ -196,8 +201,9 @@ def test_shared_memory_bounds_hold_for_sm90(triton_backend):
     assert len(results) == len(BOUND_CASES)
     for case, shared in results:
         dtype = getattr(torch, case[-1])
-        if case[0] == "x":
-            bound = _xattn_shared(dtype)(xattn_sizes(case[1], case[2]))
-        else:
-            bound = FS.stage_shared_bytes(*case[1:5], dtype)
-        assert max(shared.values()) <= bound, (case, bound, shared)
+        for which in ("fwd", "bwd"):
+            if case[0] == "x":
+                bound = _xattn_shared(which, dtype)(xattn_sizes(case[1], case[2]))
+            else:
+                bound = FS.stage_shared_bytes(which, *case[1:5], dtype)
+            assert shared[which] and max(shared[which].values()) <= bound, (case, which, bound, shared[which])

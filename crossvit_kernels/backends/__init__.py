@@ -156,17 +156,18 @@ def get_backend(name: str) -> Backend:
 
 
 def supports(name: str, op: str, device: Union[str, torch.device], dtype: torch.dtype,
-             sizes: Optional[Mapping[str, int]] = None) -> Optional[str]:
+             sizes: Optional[Mapping[str, int]] = None, backward: bool = True) -> Optional[str]:
     """None when backend ``name`` can run ``op`` on ``device`` tensors of ``dtype``, else the reason.
 
     With ``sizes`` (the op's sizes by name, every name of ``base.OP_SIZES[op]``, e.g.
-    ``dict(B=64, M=196, C=448, H=7)`` for cross_attention) also within the limits of its kernels.
+    ``dict(B=64, M=196, C=448, H=7)`` for cross_attention) also within the limits of its kernels,
+    its backward's included unless ``backward`` is False (inputs that need no gradient).
     """
     if op not in OPS:
         raise ValueError(f"unknown op {op!r}: choose one of {OPS}")
     name, device = check_name(name, allow_auto=False), torch.device(device)
     _check_sizes(op, sizes)
-    return _reason(name, op, device, dtype, sizes)
+    return _reason(name, op, device, dtype, sizes, backward)
 
 
 def _check_sizes(op: str, sizes) -> None:
@@ -179,8 +180,8 @@ def _check_sizes(op: str, sizes) -> None:
         raise ValueError(f"sizes of {op} must give {', '.join(OP_SIZES[op])}; missing {', '.join(missing)}")
 
 
-def _reason(name: str, op: str, device: torch.device, dtype: torch.dtype,
-            sizes: Optional[Mapping[str, int]]) -> Optional[str]:
+def _reason(name: str, op: str, device: torch.device, dtype: torch.dtype, sizes: Optional[Mapping[str, int]],
+            backward: bool = True) -> Optional[str]:
     if torch.compiler.is_compiling():
         # Dynamo cannot follow the first load of a backend (a lock, an import): the answer is
         # computed outside the trace and is a constant of the graph
@@ -190,7 +191,7 @@ def _reason(name: str, op: str, device: torch.device, dtype: torch.dtype,
     if reason is None and sizes is not None:
         # traced (the sizes may be symbolic under torch.compile: each comparison becomes a guard);
         # the backend was loaded by the check above
-        reason = _loaded[name].limits(op, device, dtype, sizes)
+        reason = _loaded[name].limits(op, device, dtype, sizes, backward)
     return reason
 
 
@@ -212,9 +213,9 @@ def available_backends() -> Dict[str, Union[bool, str]]:
 
 
 def resolve_backend(op: str, requested: Optional[str], device: torch.device, dtype: torch.dtype,
-                    sizes: Optional[Mapping[str, int]] = None) -> str:
+                    sizes: Optional[Mapping[str, int]] = None, backward: bool = True) -> str:
     """The concrete backend that runs ``op`` for inputs on ``device`` of ``dtype`` (and of
-    ``sizes``, as :func:`supports` takes them: the ops pass them).
+    ``sizes``, needing a gradient or not, as :func:`supports` takes them: the ops pass them).
 
     ``requested`` None means the current default (``use_backend`` / ``CROSSVIT_KERNELS_BACKEND``).
     An explicitly requested backend that cannot run the inputs, or inputs no backend can run, raise
@@ -222,13 +223,13 @@ def resolve_backend(op: str, requested: Optional[str], device: torch.device, dty
     """
     name = check_name(requested if requested is not None else _default_backend.get())
     if name != "auto":
-        reason = _reason(name, op, device, dtype, sizes)
+        reason = _reason(name, op, device, dtype, sizes, backward)
         if reason is not None:
             raise NotImplementedError(f"backend {name!r} cannot run {op} on {device.type} {dtype}: {reason}")
         return name
     skipped = []
     for candidate in _PREFERENCE.get(device.type, ("torch",)):
-        reason = _reason(candidate, op, device, dtype, sizes)
+        reason = _reason(candidate, op, device, dtype, sizes, backward)
         if reason is None:
             if skipped:
                 _warn_skipped_once(op, device, candidate, skipped)
@@ -251,9 +252,9 @@ def _warn_skipped_once(op: str, device: torch.device, chosen: str, skipped) -> N
 
 
 def explain_dispatch(op: str, device: Union[str, torch.device] = "cpu", dtype: torch.dtype = torch.float32,
-                     sizes: Optional[Mapping[str, int]] = None) -> str:
+                     sizes: Optional[Mapping[str, int]] = None, backward: bool = True) -> str:
     """A human-readable account of what ``auto`` picks for ``op`` and why the others were skipped;
-    with ``sizes`` (as :func:`supports` takes them) for inputs of those sizes."""
+    with ``sizes`` and ``backward`` (as :func:`supports` takes them) for inputs of those sizes."""
     if op not in OPS:
         raise ValueError(f"unknown op {op!r}: choose one of {OPS}")
     device = torch.device(device)
@@ -261,7 +262,7 @@ def explain_dispatch(op: str, device: Union[str, torch.device] = "cpu", dtype: t
     lines = []
     chosen = None
     for candidate in _PREFERENCE.get(device.type, ("torch",)):
-        reason = _reason(candidate, op, device, dtype, sizes)
+        reason = _reason(candidate, op, device, dtype, sizes, backward)
         if reason is None and chosen is None:
             chosen = candidate
             lines.append(f"  {candidate}: chosen")
@@ -269,6 +270,8 @@ def explain_dispatch(op: str, device: Union[str, torch.device] = "cpu", dtype: t
             lines.append(f"  {candidate}: available (lower priority)")
         else:
             lines.append(f"  {candidate}: skipped ({reason})")
-    shape = f" ({', '.join(f'{k}={sizes[k]}' for k in OP_SIZES[op])})" if sizes is not None else ""
+    shape = ""
+    if sizes is not None:
+        shape = f" ({', '.join(f'{k}={sizes[k]}' for k in OP_SIZES[op])}{'' if backward else '; forward only'})"
     head = f"{op}{shape} on {device.type} {dtype}: auto -> {chosen}"
     return "\n".join([head] + lines)

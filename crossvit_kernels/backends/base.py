@@ -124,6 +124,8 @@ class SizeLimit(NamedTuple):
     dtypes: Optional[Tuple[torch.dtype, ...]] = None
     #: the device types it applies to (None: every device type)
     devices: Optional[Tuple[str, ...]] = None
+    #: True for a limit of the backward's kernels alone, which inputs that need no gradient skip
+    backward: bool = False
 
 
 @torch.compiler.assume_constant_result
@@ -191,11 +193,14 @@ class Backend:
                     f"{str(dtype).replace('torch.', '')}" + (f" ({why})" if why else ""))
         return None
 
-    def limits(self, op: str, device: torch.device, dtype: torch.dtype, sizes: Mapping[str, int]) -> Optional[str]:
+    def limits(self, op: str, device: torch.device, dtype: torch.dtype, sizes: Mapping[str, int],
+               backward: bool = True) -> Optional[str]:
         """None when this backend's kernels run ``op`` on inputs of ``sizes`` (``OP_SIZES[op]`` ->
-        int) on ``device`` in ``dtype``, else the first of its ``size_limits`` they exceed, with the
-        reason. Asked only where :meth:`supports` is None."""
+        int) on ``device`` in ``dtype``, forward and, with ``backward``, backward; else the first of
+        its ``size_limits`` they exceed, with the reason. Asked only where :meth:`supports` is None."""
         for lim in self.size_limits.get(op, ()):
+            if lim.backward and not backward:
+                continue
             if lim.dtypes is not None and dtype not in lim.dtypes:
                 continue
             if lim.devices is not None and device.type not in lim.devices:

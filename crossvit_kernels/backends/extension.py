@@ -140,12 +140,13 @@ CUDA_THREADS = 256
 CUDA_GRID_Y = 65535
 
 
-def cuda_core_shared_bytes(sizes) -> int:
-    """Shared memory per block of the CUDA cross-attention backward at its smallest token tile (one
-    token), in bytes: (3 H C + 2 H) floats for the row's w, z, dz and softmax state, plus 2 C + 2 H + 1
-    per token (pick_tile's arguments in csrc/crossvit_cuda.cu). The forward needs less, (2 H C + 3 H)
-    + (C + H); the op's limit is the larger, since one backend runs both."""
-    H, C = sizes["H"], sizes["C"]
+def cuda_core_shared_bytes(which: str, C: int, H: int) -> int:
+    """Shared memory per block of the CUDA cross-attention kernel ``which`` ("fwd" or "bwd") at its
+    smallest token tile (one token), in bytes, as pick_tile in csrc/crossvit_cuda.cu computes it:
+    forward (2 H C + 3 H) floats for the row's state plus (C + H) per token, backward (3 H C + 2 H)
+    plus (2 C + 2 H + 1). It takes a larger tile where that fits."""
+    if which == "fwd":
+        return 4 * ((2 * H * C + 3 * H) + (C + H))
     return 4 * ((3 * H * C + 2 * H) + (2 * C + 2 * H + 1))
 
 
@@ -159,10 +160,14 @@ class CudaBackend(_ExtensionBackend):
                   "backend='triton' or 'torch'"),
         SizeLimit("the number of heads H", lambda s: s["H"], CUDA_THREADS,
                   f"one thread per head in a block of {CUDA_THREADS}; use backend='triton' or 'torch'"),
-        SizeLimit("the shared memory of the backward kernel (bytes per block)", cuda_core_shared_bytes,
-                  shared_memory_per_block,
-                  "(3 H C + 4 H + 2 C + 1) floats at its smallest token tile, more than this GPU has per "
-                  "block; use backend='triton' or 'torch'"),
+        SizeLimit("the shared memory of the forward kernel (bytes per block)",
+                  lambda s: cuda_core_shared_bytes("fwd", s["C"], s["H"]), shared_memory_per_block,
+                  "(2 H C + 4 H + C) floats at its smallest token tile, more than this GPU has per block; use "
+                  "backend='triton' or 'torch'"),
+        SizeLimit("the shared memory of the backward kernel (bytes per block)",
+                  lambda s: cuda_core_shared_bytes("bwd", s["C"], s["H"]), shared_memory_per_block,
+                  "(3 H C + 4 H + 2 C + 1) floats at its smallest token tile, more than this GPU has per block; "
+                  "use backend='triton' or 'torch'", backward=True),
     )}
 
     def unavailable_reason(self) -> Optional[str]:

@@ -49,33 +49,39 @@ def fusion_stage(x0: Tensor, x1: Tensor, params: Sequence[Optional[Tensor]], hea
     """
     params = _validate(x0, x1, params, heads, eps, backend)
     heads, eps = [int(h) for h in heads], [float(e) for e in eps]
-    name = _stage_backend(backend, x0, x1, heads)
+    present = [p for p in params if p is not None]
+    grad = _needs_grad([x0, x1] + present)
+    name = _stage_backend(backend, x0, x1, heads, grad)
     if name is None or x0.shape[0] == 0 or traced_as_aten():
         # an empty batch has nothing to fuse (the backends take B >= 1): the textbook form gives the
         # empty outputs and their graph
         return fusion_stage_reference(x0, x1, params, heads, eps)
-    present = [p for p in params if p is not None]
     layout = heads + [int(p is not None) for p in params]
     if not plain_eager([x0, x1] + present):
         return list(torch.ops.crossvit_kernels.fusion_stage(x0, x1, present, layout, eps, name)[:2])
-    if torch.is_grad_enabled() and any(t.requires_grad for t in [x0, x1] + present):
+    if grad:
         return list(FusionStageFunction.apply(x0, x1, layout, eps, name, *present)[:2])
     with torch.no_grad():
         return _backends.get_backend(name).fusion_stage_forward(x0, x1, params, heads, eps)[:2]
 
 
-def _stage_backend(backend: Optional[str], x0: Tensor, x1: Tensor, heads: Sequence[int]) -> Optional[str]:
-    """The backend that runs the stage for the branches' device, dtype and sizes, or None (no
-    backend declares it for them, within its limits)."""
+def _needs_grad(tensors: Sequence[Tensor]) -> bool:
+    return torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
+
+
+def _stage_backend(backend: Optional[str], x0: Tensor, x1: Tensor, heads: Sequence[int],
+                   backward: bool) -> Optional[str]:
+    """The backend that runs the stage for the branches' device, dtype and sizes (and its backward
+    when ``backward``), or None (no backend declares it for them, within its limits)."""
     name = _backends.check_name(backend if backend is not None else _backends.get_default_backend())
     if name == "reference":
         return None
     sizes = {"B": x0.shape[0], "N0": x0.shape[1] - 1, "C0": x0.shape[2], "N1": x1.shape[1] - 1, "C1": x1.shape[2],
              "H0": heads[0], "H1": heads[1]}
     if name != "auto":
-        return name if _backends.supports(name, "fusion_stage", x0.device, x0.dtype, sizes) is None else None
+        return name if _backends.supports(name, "fusion_stage", x0.device, x0.dtype, sizes, backward) is None else None
     try:
-        return _backends.resolve_backend("fusion_stage", "auto", x0.device, x0.dtype, sizes)
+        return _backends.resolve_backend("fusion_stage", "auto", x0.device, x0.dtype, sizes, backward)
     except RuntimeError:
         return None
 
@@ -362,7 +368,7 @@ def fuse_modules(projs: Sequence[nn.Module], fusion: Sequence[nn.Module], revert
         eps += [float(fln.eps), float(n.eps), float(gln.eps)]
     try:
         _validate(x0, x1, params, heads, eps, backend)
-        name = _stage_backend(backend, x0, x1, heads)
+        name = _stage_backend(backend, x0, x1, heads, _needs_grad([x0, x1] + [p for p in params if p is not None]))
     except (TypeError, ValueError):
         return None
     if name is None:

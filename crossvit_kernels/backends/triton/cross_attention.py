@@ -525,20 +525,22 @@ def stream_config(which: str, C: int, dtype: torch.dtype, block_n: Optional[int]
 def stream_shared_bytes(which: str, C: int, H: int, dtype: torch.dtype) -> int:
     """An upper bound of the shared memory, in bytes, one program of the streaming kernel ``which``
     ("fwd" or "bwd") takes for H heads over tokens of width C in ``dtype``, at the launcher's
-    config: every tensor-core operand of its products staged at once, in the operand dtype. The
-    token tile counts twice (the scores' A operand and the weighted sums' B operand); then the
-    stacked absorbed query [C_PAD, 2 H_PAD] (with dz, [C_PAD, 4 H_PAD], backward), the softmax
+    config: every operand of its products staged at once, in the operand dtype, plus 2 KiB. The
+    operands: the token tile (twice for 16-bit tokens, as the tensor cores' A operand of the
+    scores and B operand of the weighted sums; once for the IEEE products of float32 and float64),
+    the stacked absorbed query [C_PAD, 2 H_PAD] (with dz, [C_PAD, 4 H_PAD], backward), the softmax
     coefficients [2 H_PAD, BLOCK_N], and the backward's dx operands [BLOCK_N, 4 H_PAD] and
     [4 H_PAD, C_CHUNK]. A launch of two problems takes the larger of theirs. The compiler's
     figures for sm_90 stay within it (tests/test_triton_limits.py compares them); the backend's
     limits compare it with the GPU's shared memory per block."""
     cfg = stream_config(which, C, dtype)
     c_pad, bn, h2 = _pad(C), cfg.block_n, 2 * _pad_heads(H)
+    tiles = 2 if dtype in (torch.float16, torch.bfloat16) else 1
     if which == "fwd":
-        elements = 2 * bn * c_pad + h2 * c_pad + h2 * bn
+        elements = tiles * bn * c_pad + h2 * c_pad + h2 * bn
     else:
-        elements = 2 * bn * c_pad + 2 * h2 * c_pad + h2 * bn + 2 * h2 * bn + 2 * h2 * cfg.c_chunk
-    return elements * mma_dtype(dtype).itemsize
+        elements = tiles * bn * c_pad + 2 * h2 * c_pad + h2 * bn + 2 * h2 * bn + 2 * h2 * cfg.c_chunk
+    return elements * mma_dtype(dtype).itemsize + 2048
 
 
 def ctas_per_sm(which: str, C: int, dtype: torch.dtype) -> int:

@@ -9,7 +9,8 @@ asked for by name.
   (``cross_attention._HALF_BLOCK_N``).
 * Shared memory per program on a GPU: upper bounds of what the kernels take
   (``cross_attention.stream_shared_bytes``, ``projections.projection_shared_bytes``,
-  ``fusion.stage_shared_bytes``), against the device's opt-in maximum per block.
+  ``fusion.stage_shared_bytes``), against the device's opt-in maximum per block; the backward's
+  only for inputs that need a gradient.
 * Programs per launch: Triton's 1-D grids hold at most 2^31 - 1.
 
 The width limit comes first for 16-bit tokens: the shared-memory bounds read the tile table it
@@ -33,18 +34,22 @@ MAX_GRID = 2 ** 31 - 1
 _OTHER = "use backend='cuda' or 'torch'"
 
 
-def _xattn_shared(dtype: torch.dtype):
-    """The cross-attention's largest launch for ``dtype``: the streaming passes, and the fused
-    forward's projection kernels (float16, bfloat16, float32)."""
+def _xattn_shared(which: str, dtype: torch.dtype):
+    """The cross-attention's largest launch of pass ``which`` for ``dtype``: the streaming kernel,
+    and in the forward the fused projection kernels (float16, bfloat16, float32)."""
     def size(s):
-        stream = max(K.stream_shared_bytes("fwd", s["C"], s["H"], dtype),
-                     K.stream_shared_bytes("bwd", s["C"], s["H"], dtype))
-        return max(stream, P.projection_shared_bytes(s["C"], s["H"])) if dtype in HALF_AND_SINGLE else stream
+        stream = K.stream_shared_bytes(which, s["C"], s["H"], dtype)
+        if which == "fwd" and dtype in HALF_AND_SINGLE:
+            return max(stream, P.projection_shared_bytes(s["C"], s["H"]))
+        return stream
     return size
 
 
-def _stage_shared(dtype: torch.dtype):
-    return lambda s: FS.stage_shared_bytes(s["C0"], s["C1"], s["H0"], s["H1"], dtype)
+def _stage_shared(which: str, dtype: torch.dtype):
+    return lambda s: FS.stage_shared_bytes(which, s["C0"], s["C1"], s["H0"], s["H1"], dtype)
+
+
+_PASS = {"fwd": "forward", "bwd": "backward"}
 
 
 SIZE_LIMITS: Dict[str, Tuple[SizeLimit, ...]] = {
@@ -52,11 +57,11 @@ SIZE_LIMITS: Dict[str, Tuple[SizeLimit, ...]] = {
         SizeLimit("the width C of 16-bit tokens", lambda s: s["C"], K.HALF_MAX_WIDTH,
                   f"the token tiles of float16 and bfloat16 are chosen up to C = {K.HALF_MAX_WIDTH}; " + _OTHER,
                   dtypes=HALF),
-        *(SizeLimit("the shared memory of the op's largest launch (an upper bound, bytes per program)",
-                    _xattn_shared(dtype), shared_memory_per_block,
+        *(SizeLimit(f"the shared memory of the {_PASS[which]}'s largest launch (an upper bound, bytes per program)",
+                    _xattn_shared(which, dtype), shared_memory_per_block,
                     "the kernels' tiles for this width and head count do not fit this GPU's shared memory per "
-                    "block; " + _OTHER, dtypes=(dtype,), devices=("cuda",))
-          for dtype in FLOAT_DTYPES),
+                    "block; " + _OTHER, dtypes=(dtype,), devices=("cuda",), backward=which == "bwd")
+          for which in ("fwd", "bwd") for dtype in FLOAT_DTYPES),
         SizeLimit("the program count of the token pass (B x MAX_SPLITS)", lambda s: s["B"] * K.MAX_SPLITS,
                   MAX_GRID, "a 1-D Triton grid; split the batch", devices=("cuda",)),
     ),
@@ -65,11 +70,12 @@ SIZE_LIMITS: Dict[str, Tuple[SizeLimit, ...]] = {
                   K.HALF_MAX_WIDTH,
                   f"the token tiles of float16 and bfloat16 are chosen up to C = {K.HALF_MAX_WIDTH}; the fusion "
                   "then runs per piece", dtypes=HALF),
-        *(SizeLimit("the shared memory of the stage's largest launch (an upper bound, bytes per program)",
-                    _stage_shared(dtype), shared_memory_per_block,
+        *(SizeLimit(f"the shared memory of the stage's largest {_PASS[which]} launch (an upper bound, bytes per "
+                    "program)", _stage_shared(which, dtype), shared_memory_per_block,
                     "the kernels' tiles for these widths and head counts do not fit this GPU's shared memory per "
-                    "block; the fusion then runs per piece", dtypes=(dtype,), devices=("cuda",))
-          for dtype in HALF_AND_SINGLE),
+                    "block; the fusion then runs per piece", dtypes=(dtype,), devices=("cuda",),
+                    backward=which == "bwd")
+          for which in ("fwd", "bwd") for dtype in HALF_AND_SINGLE),
         SizeLimit("the program count of the stage's largest launch",
                   lambda s: FS.stage_max_programs(s["B"], s["C0"], s["C1"], s["H0"], s["H1"]), MAX_GRID,
                   "a 1-D Triton grid; split the batch", devices=("cuda",)),
