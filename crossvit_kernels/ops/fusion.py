@@ -45,7 +45,8 @@ def fusion_stage(x0: Tensor, x1: Tensor, params: Sequence[Optional[Tensor]], hea
         heads: (H0, H1), the heads of each direction's attention (H_d divides C_j).
         eps: 6 LayerNorm epsilons, (eps_f, eps_n, eps_g) per direction.
         backend: None (the current default), "auto" or a name. A backend that does not declare the
-            stage runs :func:`fusion_stage_reference` (the textbook composition).
+            stage, or whose size limits the inputs exceed, runs :func:`fusion_stage_reference` (the
+            textbook composition).
     """
     params = _validate(x0, x1, params, heads, eps, backend)
     heads, eps = [int(h) for h in heads], [float(e) for e in eps]
