@@ -5,6 +5,7 @@ import torch
 import crossvit_kernels as ck
 from crossvit_kernels.modules import CrossAttentionBlock
 from crossvit_kernels.ops import cross_attention, patch_embed
+from crossvit_kernels.ops.fusion import fusion_stage
 from helpers import XATTN_ARGS, cross_attention_inputs
 
 
@@ -77,6 +78,77 @@ def test_patch_embed_bad_input(over, exc, match):
     for backend in ("reference", "torch"):
         with pytest.raises(exc, match=match):
             patch_embed(**pe_args(**over), backend=backend)
+
+
+def stage_args(**over):
+    """Valid arguments of the fusion stage (x0 (2, 6, 12), x1 (2, 5, 24), heads (3, 2)), then ``over``:
+    values, or functions of the valid arguments."""
+    from crossvit_kernels.backends.base import FUSION_PARAMS
+    params = []
+    for Ci, Cj in ((12, 24), (24, 12)):
+        shapes = dict(f_ln_w=(Ci,), f_ln_b=(Ci,), f_w=(Cj, Ci), g_w=(Ci, Cj), g_b=(Ci,), wq=(Cj, Cj), wk=(Cj, Cj),
+                      wv=(Cj, Cj), wo=(Cj, Cj))
+        params += [torch.randn(shapes.get(name, (Cj,))) for name in FUSION_PARAMS]
+    a = dict(x0=torch.randn(2, 6, 12), x1=torch.randn(2, 5, 24), params=params, heads=(3, 2), eps=(1e-6,) * 6)
+    a.update({k: v(a) if callable(v) else v for k, v in over.items()})
+    return a
+
+
+def _replace(k, value):
+    """params with entry k replaced (direction 1's entries start at 18)."""
+    return lambda a: a["params"][:k] + [value] + a["params"][k + 1:]
+
+
+def test_fusion_stage_valid_arguments_run():
+    outs = fusion_stage(**stage_args())
+    assert [o.shape for o in outs] == [(2, 6, 12), (2, 5, 24)]
+
+
+@pytest.mark.parametrize("over,exc,match", [
+    (dict(x0=torch.randn(2, 12)), ValueError, "x0 must have 3 dimensions"),
+    (dict(x1=torch.randn(2, 5, 24, 1)), ValueError, "x1 must have 3 dimensions"),
+    (dict(x1=torch.randn(3, 5, 24)), ValueError, "batch sizes disagree: x0 has 2 rows, x1 3"),
+    (dict(x0=torch.randn(2, 0, 12)), ValueError, "each branch needs its CLS token"),
+    (dict(x0=torch.randn(2, 6, 0)), ValueError, "empty width"),
+    (dict(x0=torch.randn(2, 6, 10)), ValueError, r"f_ln_w0 must have shape \(10,\), got \(12,\).*C0=10"),
+    (dict(params=_replace(2, torch.randn(24, 11))), ValueError, r"f_w0 must have shape \(24, 12\), got \(24, 11\)"),
+    (dict(params=_replace(18 + 16, torch.randn(24, 24))), ValueError, r"g_w1 must have shape \(24, 12\)"),
+    (dict(params=_replace(18 + 7, torch.randn(24))), ValueError, r"bq1 must have shape \(12,\)"),
+    (dict(x0=torch.ones(2, 6, 12, dtype=torch.int64)), TypeError, "x0 must be a floating-point tensor"),
+    (dict(x1=lambda a: a["x1"].double()), TypeError, "dtype mismatch: x0 is torch.float32 but x1 is torch.float64"),
+    (dict(params=lambda a: _replace(10, a["params"][10].half())(a)), TypeError, "dtype mismatch: .* but wv0 is"),
+    (dict(x0=[[[0.0] * 12] * 6] * 2), TypeError, "x0 must be a torch.Tensor, got list"),
+    (dict(x1=None), TypeError, "x1 must be a tensor, got None"),
+    (dict(params=_replace(6, None)), TypeError, "wq0 must be a tensor, got None"),
+    (dict(params=_replace(18 + 16, None)), TypeError, "g_w1 must be a tensor, got None"),
+    (dict(params=_replace(0, "weight")), TypeError, "f_ln_w0 must be a torch.Tensor, got str"),
+    (dict(params=lambda a: a["params"][:35]), ValueError, "params must hold 36 entries .* got 35"),
+    (dict(params=None), TypeError, "params must be a list or tuple of 36 tensors"),
+    (dict(params=lambda a: torch.stack([p.reshape(-1)[:12] for p in a["params"]])), TypeError,
+     "params must be a list or tuple of 36 tensors.*got Tensor"),
+    (dict(heads=(5, 2)), ValueError, r"heads\[0\]=5 must be a positive int dividing C1=24"),
+    (dict(heads=(3, 5)), ValueError, r"heads\[1\]=5 must be a positive int dividing C0=12"),
+    (dict(heads=(3, 0)), ValueError, r"heads\[1\]=0 must be a positive int"),
+    (dict(heads=(3.0, 2)), ValueError, r"heads\[0\]=3.0 must be a positive int"),
+    (dict(heads=(3, 2, 1)), ValueError, r"heads must be \(H0, H1\).*got 3"),
+    (dict(heads=3), TypeError, "heads must be a list or tuple of two head counts"),
+    (dict(heads=None), TypeError, "heads must be a list or tuple of two head counts"),
+    (dict(eps=(1e-6,) * 5), ValueError, "eps must hold six LayerNorm epsilons .* got 5"),
+    (dict(eps=1e-6), TypeError, "eps must be a list or tuple of six LayerNorm epsilons"),
+    (dict(eps=None), TypeError, "eps must be a list or tuple of six LayerNorm epsilons"),
+    (dict(eps=(1e-6,) * 5 + (0.0,)), ValueError, "every eps must be a positive number"),
+])
+def test_fusion_stage_bad_input(over, exc, match):
+    for backend in (None, "reference", "torch"):
+        with pytest.raises(exc, match=match):
+            fusion_stage(**stage_args(**over), backend=backend)
+
+
+def test_fusion_stage_bad_backend():
+    with pytest.raises(ValueError, match="unknown backend 'fast'"):
+        fusion_stage(**stage_args(), backend="fast")
+    with pytest.raises(TypeError, match="backend must be None or a string"):
+        fusion_stage(**stage_args(), backend=3)
 
 
 def test_model_bad_input():

@@ -221,6 +221,73 @@ def test_stage_never_writes_its_inputs():
 
 
 # ---------------------------------------------------------------------------------------------
+# an empty batch: the textbook composition, never a backend (they take B >= 1)
+# ---------------------------------------------------------------------------------------------
+
+def _check_empty_stage(inp, outs, grads):
+    """Empty outputs of the inputs' shapes and dtype; every gradient of its leaf's shape, zero."""
+    for k in range(2):
+        assert outs[k].shape == inp[f"x{k}"].shape and outs[k].dtype == inp[f"x{k}"].dtype
+    leaves = dict(x0=inp["x0"], x1=inp["x1"], **{f"p{k}": p for k, p in enumerate(inp["params"])})
+    assert set(grads) == {n for n, t in leaves.items() if t is not None}
+    for name, g in grads.items():
+        assert g is not None and g.shape == leaves[name].shape, name
+        assert torch.count_nonzero(g) == 0, name
+
+
+@pytest.mark.parametrize("bias", [True, False], ids=["qkv-bias", "no-qkv-bias"])
+def test_stage_empty_batch_launches_no_kernel(bias):
+    """B = 0 on the triton backend runs the textbook composition: no kernel is launched, the
+    outputs are empty with the inputs' shapes, the backward gives zero gradients of every shape."""
+    from budget_tools import TritonLaunches
+    inp = stage_inputs(0, 5, 16, 4, 32, 2, 2, torch.float32, bias=bias)
+    with TritonLaunches() as launches:
+        outs, grads = run(inp, "triton", grad_out_like(inp))
+    assert launches.names == []
+    _check_empty_stage(inp, outs, grads)
+
+
+def test_stage_empty_batch_never_reaches_a_backend(monkeypatch):
+    """Whichever backend declares the stage, named or picked by auto, B = 0 never calls it (a
+    stand-in for "torch" that declares the stage and fails when called; B = 1 does call it)."""
+    from crossvit_kernels import backends
+    from crossvit_kernels.backends.pytorch import TorchBackend
+
+    class StageBackend(TorchBackend):
+        dtypes = dict(TorchBackend.dtypes, fusion_stage=(torch.float32,))
+
+        def fusion_stage_forward(self, *args):
+            raise AssertionError(f"the {self.name} backend's fusion stage was called")
+
+        fusion_stage_backward = fusion_stage_forward
+
+    monkeypatch.setattr(backends, "_loaded", dict(backends._loaded, torch=StageBackend()))
+    for backend in ("torch", "auto"):
+        inp = stage_inputs(0, 5, 16, 4, 32, 2, 2, torch.float32, device="cpu")
+        _check_empty_stage(inp, *run(inp, backend, grad_out_like(inp)))
+        with pytest.raises(AssertionError, match="fusion stage was called"):
+            run(stage_inputs(1, 5, 16, 4, 32, 2, 2, torch.float32, device="cpu"), backend)
+
+
+def test_model_fusion_empty_batch_launches_no_kernel():
+    """A multi-scale block's fusion of an empty batch under use_backend("triton"): no kernel,
+    the per-piece path's empty outputs and zero gradients."""
+    from budget_tools import TritonLaunches
+
+    import crossvit_kernels as ck
+    from crossvit_kernels.models.fusion import fuse_cross_attention
+    m = _multiscale_block(torch.float32)
+    xs = [torch.randn(0, 21, 24, device=DEVICE, requires_grad=True),
+          torch.randn(0, 10, 48, device=DEVICE, requires_grad=True)]
+    with ck.use_backend("triton"), TritonLaunches() as launches:
+        outs = fuse_cross_attention(m.projs, m.fusion, m.revert_projs, xs)
+    assert launches.names == []
+    assert [o.shape for o in outs] == [x.shape for x in xs]
+    grads = torch.autograd.grad(outs, xs + list(m.parameters()), [torch.ones_like(o) for o in outs])
+    assert all(g is not None and torch.count_nonzero(g) == 0 for g in grads)
+
+
+# ---------------------------------------------------------------------------------------------
 # the model's fusion takes the op; eager, torch.compile and torch.export agree
 # ---------------------------------------------------------------------------------------------
 

@@ -16,8 +16,11 @@ available and supports the inputs: CUDA tensors -> triton, cuda, torch; CPU tens
 ``reference`` is never chosen automatically.
 
 Each backend is a :class:`~crossvit_kernels.backends.base.Backend` that declares what it supports
-as data (devices, dtypes per op, the reason for what it leaves out); :func:`supports` and
-:func:`explain_dispatch` read that data. Nothing here imports Triton or the compiled extension at
+as data (devices, dtypes per op, the reason for what it leaves out, and the limits of its kernels
+on each op's sizes, such as a CUDA grid dimension or a GPU's shared memory, each with its reason);
+:func:`supports` and :func:`explain_dispatch` read that data. The ops pass their inputs' sizes
+(``base.OP_SIZES``): ``auto`` skips a backend whose limits they exceed, and a backend requested
+by name raises NotImplementedError naming the limit. Nothing here imports Triton or the compiled extension at
 import time: a backend's module is imported the first time it is asked about, and a failure to
 import it (ImportError, OSError, undefined symbols) makes that backend unavailable with the reason
 recorded, never a crash.
@@ -34,11 +37,11 @@ import importlib
 import os
 import threading
 import warnings
-from typing import Dict, Iterator, Optional, Union
+from typing import Dict, Iterator, Mapping, Optional, Union
 
 import torch
 
-from .base import OPS, Backend
+from .base import OP_SIZES, OPS, Backend
 
 __all__ = [
     "BACKENDS",
@@ -152,16 +155,44 @@ def get_backend(name: str) -> Backend:
     return backend
 
 
-def supports(name: str, op: str, device: Union[str, torch.device], dtype: torch.dtype) -> Optional[str]:
-    """None when backend ``name`` can run ``op`` on ``device`` tensors of ``dtype``, else the reason."""
+def supports(name: str, op: str, device: Union[str, torch.device], dtype: torch.dtype,
+             sizes: Optional[Mapping[str, int]] = None, backward: bool = True) -> Optional[str]:
+    """None when backend ``name`` can run ``op`` on ``device`` tensors of ``dtype``, else the reason.
+
+    With ``sizes`` (the op's sizes by name, every name of ``base.OP_SIZES[op]``, e.g.
+    ``dict(B=64, M=196, C=448, H=7)`` for cross_attention) also within the limits of its kernels,
+    its backward's included unless ``backward`` is False (inputs that need no gradient).
+    """
     if op not in OPS:
         raise ValueError(f"unknown op {op!r}: choose one of {OPS}")
     name, device = check_name(name, allow_auto=False), torch.device(device)
+    _check_sizes(op, sizes)
+    return _reason(name, op, device, dtype, sizes, backward)
+
+
+def _check_sizes(op: str, sizes) -> None:
+    if sizes is None:
+        return
+    if not isinstance(sizes, Mapping):
+        raise TypeError(f"sizes must be a mapping of {op}'s sizes {OP_SIZES[op]} to ints, got {type(sizes).__name__}")
+    missing = [k for k in OP_SIZES[op] if k not in sizes]
+    if missing:
+        raise ValueError(f"sizes of {op} must give {', '.join(OP_SIZES[op])}; missing {', '.join(missing)}")
+
+
+def _reason(name: str, op: str, device: torch.device, dtype: torch.dtype, sizes: Optional[Mapping[str, int]],
+            backward: bool = True) -> Optional[str]:
     if torch.compiler.is_compiling():
         # Dynamo cannot follow the first load of a backend (a lock, an import): the answer is
         # computed outside the trace and is a constant of the graph
-        return _supports_untraced(name, op, device, dtype)
-    return _supports(name, op, device, dtype)
+        reason = _supports_untraced(name, op, device, dtype)
+    else:
+        reason = _supports(name, op, device, dtype)
+    if reason is None and sizes is not None:
+        # traced (the sizes may be symbolic under torch.compile: each comparison becomes a guard);
+        # the backend was loaded by the check above
+        reason = _loaded[name].limits(op, device, dtype, sizes, backward)
+    return reason
 
 
 def _supports(name: str, op: str, device: torch.device, dtype: torch.dtype) -> Optional[str]:
@@ -181,8 +212,10 @@ def available_backends() -> Dict[str, Union[bool, str]]:
     return {name: True if _load(name) is not None else _load_errors[name] for name in BACKENDS}
 
 
-def resolve_backend(op: str, requested: Optional[str], device: torch.device, dtype: torch.dtype) -> str:
-    """The concrete backend that runs ``op`` for inputs on ``device`` of ``dtype``.
+def resolve_backend(op: str, requested: Optional[str], device: torch.device, dtype: torch.dtype,
+                    sizes: Optional[Mapping[str, int]] = None, backward: bool = True) -> str:
+    """The concrete backend that runs ``op`` for inputs on ``device`` of ``dtype`` (and of
+    ``sizes``, needing a gradient or not, as :func:`supports` takes them: the ops pass them).
 
     ``requested`` None means the current default (``use_backend`` / ``CROSSVIT_KERNELS_BACKEND``).
     An explicitly requested backend that cannot run the inputs, or inputs no backend can run, raise
@@ -190,13 +223,13 @@ def resolve_backend(op: str, requested: Optional[str], device: torch.device, dty
     """
     name = check_name(requested if requested is not None else _default_backend.get())
     if name != "auto":
-        reason = supports(name, op, device, dtype)
+        reason = _reason(name, op, device, dtype, sizes, backward)
         if reason is not None:
             raise NotImplementedError(f"backend {name!r} cannot run {op} on {device.type} {dtype}: {reason}")
         return name
     skipped = []
     for candidate in _PREFERENCE.get(device.type, ("torch",)):
-        reason = supports(candidate, op, device, dtype)
+        reason = _reason(candidate, op, device, dtype, sizes, backward)
         if reason is None:
             if skipped:
                 _warn_skipped_once(op, device, candidate, skipped)
@@ -218,15 +251,18 @@ def _warn_skipped_once(op: str, device: torch.device, chosen: str, skipped) -> N
                       RuntimeWarning, stacklevel=4)
 
 
-def explain_dispatch(op: str, device: Union[str, torch.device] = "cpu", dtype: torch.dtype = torch.float32) -> str:
-    """A human-readable account of what ``auto`` picks for ``op`` and why the others were skipped."""
+def explain_dispatch(op: str, device: Union[str, torch.device] = "cpu", dtype: torch.dtype = torch.float32,
+                     sizes: Optional[Mapping[str, int]] = None, backward: bool = True) -> str:
+    """A human-readable account of what ``auto`` picks for ``op`` and why the others were skipped;
+    with ``sizes`` and ``backward`` (as :func:`supports` takes them) for inputs of those sizes."""
     if op not in OPS:
         raise ValueError(f"unknown op {op!r}: choose one of {OPS}")
     device = torch.device(device)
+    _check_sizes(op, sizes)
     lines = []
     chosen = None
     for candidate in _PREFERENCE.get(device.type, ("torch",)):
-        reason = supports(candidate, op, device, dtype)
+        reason = _reason(candidate, op, device, dtype, sizes, backward)
         if reason is None and chosen is None:
             chosen = candidate
             lines.append(f"  {candidate}: chosen")
@@ -234,5 +270,8 @@ def explain_dispatch(op: str, device: Union[str, torch.device] = "cpu", dtype: t
             lines.append(f"  {candidate}: available (lower priority)")
         else:
             lines.append(f"  {candidate}: skipped ({reason})")
-    head = f"{op} on {device.type} {dtype}: auto -> {chosen}"
+    shape = ""
+    if sizes is not None:
+        shape = f" ({', '.join(f'{k}={sizes[k]}' for k in OP_SIZES[op])}{'' if backward else '; forward only'})"
+    head = f"{op}{shape} on {device.type} {dtype}: auto -> {chosen}"
     return "\n".join([head] + lines)

@@ -1,7 +1,8 @@
 """The backend contract, and the generic absorbed formulation a backend inherits.
 
 A backend is a :class:`Backend` subclass. It declares what it supports as data (``devices``,
-``dtypes`` per op, and ``why_not`` per op: the reason for the dtypes it leaves out) and
+``dtypes`` per op, ``why_not`` per op: the reason for the dtypes it leaves out, and
+``size_limits`` per op: the limits of its kernels on the op's sizes, each with its reason) and
 implements the ops, at one of two depths:
 
 * **the core only** (``cross_attention_core_forward`` / ``_backward``): the one pass over the
@@ -13,8 +14,10 @@ implements the ops, at one of two depths:
   inherited ones for the rest.
 
 Every method runs under ``torch.no_grad()`` on inputs the op layer (``crossvit_kernels.ops``) has
-validated: all floating point, one dtype and one device, shapes consistent, B >= 1, C >= 1.
-The methods may therefore assume them; they never need to raise for bad user input.
+validated: all floating point, one dtype and one device, shapes consistent, B >= 1, C >= 1,
+within the backend's ``size_limits`` for the op (the registry skips, or refuses with the reason,
+a backend whose limits the sizes exceed). The methods may therefore assume them; they never need
+to raise for bad user input.
 
 Whole-op contract of the cross-attention (shapes per batch row b; H heads of width d = C / H;
 ``acc`` is float64 for float64 inputs, float32 otherwise):
@@ -71,7 +74,8 @@ Patch embedding contract (shapes in ``crossvit_kernels.ops.patch_embed``):
 """
 from __future__ import annotations
 
-from typing import Dict, List, Optional, Sequence, Tuple
+import functools
+from typing import Callable, Dict, List, Mapping, NamedTuple, Optional, Sequence, Tuple, Union
 
 import torch
 import torch.nn.functional as F
@@ -92,6 +96,53 @@ FUSION_OPTIONAL = ("bq", "bk", "bv")
 FUSION_SAVED = ("qx", "q", "w", "z", "lse", "o", "c")
 #: ``Backend.devices`` of a backend that runs on any device type
 ANY_DEVICE = ("any",)
+#: The sizes of each op's inputs that the op layer hands the registry (``sizes=`` of
+#: ``supports`` / ``resolve_backend`` / ``explain_dispatch``) and the registry hands
+#: :meth:`Backend.limits`, by name: cross_attention's x_cls (B, C), x_tokens (B, M, C) and H heads;
+#: the fusion stage's x0 (B, 1 + N0, C0), x1 (B, 1 + N1, C1) and heads (H0, H1); patch_embed's
+#: images (B, Cin, IH, IW) and weight (C, Cin, PH, PW).
+OP_SIZES = {"cross_attention": ("B", "M", "C", "H"),
+            "fusion_stage": ("B", "N0", "C0", "N1", "C1", "H0", "H1"),
+            "patch_embed": ("B", "Cin", "IH", "IW", "C", "PH", "PW")}
+
+
+class SizeLimit(NamedTuple):
+    """A limit of a backend's kernels on an op's sizes, declared as data in
+    ``Backend.size_limits[op]``: ``size(sizes)`` may be at most ``most``, where ``sizes`` maps the
+    names of ``OP_SIZES[op]`` to ints. Read by :meth:`Backend.limits` only: a size function uses
+    plain int arithmetic (under torch.compile a size may be symbolic, and the comparison becomes a
+    guard of the graph)."""
+    #: the limited quantity, in words ("the batch size B")
+    what: str
+    #: its value for the op's sizes
+    size: Callable[[Mapping[str, int]], int]
+    #: its largest allowed value, or a function of the device that gives it (a GPU's shared memory)
+    most: Union[int, Callable[[torch.device], int]]
+    #: where the limit comes from, and what runs larger inputs
+    why: str
+    #: the input dtypes it applies to (None: every dtype)
+    dtypes: Optional[Tuple[torch.dtype, ...]] = None
+    #: the device types it applies to (None: every device type)
+    devices: Optional[Tuple[str, ...]] = None
+    #: True for a limit of the backward's kernels alone, which inputs that need no gradient skip
+    backward: bool = False
+
+
+@torch.compiler.assume_constant_result
+def shared_memory_per_block(device: torch.device) -> int:
+    """The shared memory one block may use on the CUDA ``device``, in bytes (the opt-in maximum):
+    the ``most`` of a shared-memory ``SizeLimit``. A constant under torch.compile. Without a CUDA
+    device (a dispatch question asked on a machine that has none) there is no such limit."""
+    if device.index is None:
+        if not torch.cuda.is_available():
+            return 2 ** 63 - 1
+        device = torch.device("cuda", torch.cuda.current_device())
+    return _shared_memory_per_block(device.index)
+
+
+@functools.lru_cache(maxsize=None)
+def _shared_memory_per_block(index: int) -> int:
+    return torch.cuda.get_device_properties(index).shared_memory_per_block_optin
 
 
 def acc_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -114,6 +165,8 @@ class Backend:
     dtypes: Dict[str, Tuple[torch.dtype, ...]] = {}
     #: op -> why the dtypes outside ``dtypes[op]`` are not supported
     why_not: Dict[str, str] = {}
+    #: op -> the limits of its kernels on the op's sizes (an op missing here has none)
+    size_limits: Dict[str, Tuple[SizeLimit, ...]] = {}
 
     # -- availability and support (read by the registry's supports / explain_dispatch) ------------
     def unavailable_reason(self) -> Optional[str]:
@@ -138,6 +191,24 @@ class Backend:
             why = self.why_not.get(op)
             return (f"the {self.name} {op} supports {dtype_names(self.dtypes[op])}, not "
                     f"{str(dtype).replace('torch.', '')}" + (f" ({why})" if why else ""))
+        return None
+
+    def limits(self, op: str, device: torch.device, dtype: torch.dtype, sizes: Mapping[str, int],
+               backward: bool = True) -> Optional[str]:
+        """None when this backend's kernels run ``op`` on inputs of ``sizes`` (``OP_SIZES[op]`` ->
+        int) on ``device`` in ``dtype``, forward and, with ``backward``, backward; else the first of
+        its ``size_limits`` they exceed, with the reason. Asked only where :meth:`supports` is None."""
+        for lim in self.size_limits.get(op, ()):
+            if lim.backward and not backward:
+                continue
+            if lim.dtypes is not None and dtype not in lim.dtypes:
+                continue
+            if lim.devices is not None and device.type not in lim.devices:
+                continue
+            value = lim.size(sizes)
+            most = lim.most if isinstance(lim.most, int) else lim.most(device)
+            if value > most:
+                return f"{lim.what} is {value}, more than the {self.name} backend's limit of {most}: {lim.why}"
         return None
 
     # -- the cores: what every backend implements ------------------------------------------------

@@ -23,6 +23,9 @@ remembered with its reason and never raised from here:
 
 Both implement the cores; the whole op around them is the inherited absorbed formulation.
 Dtypes: float32, bfloat16 and float16 (float32 accumulation); float64 for patch_embed only.
+The CUDA kernels' launch limits (csrc/crossvit_cuda.cu, ``expect_core_inputs`` and ``pick_tile``)
+are declared as ``CudaBackend.size_limits``: inputs beyond them go to another backend, never to
+the kernels' own RuntimeError.
 """
 from __future__ import annotations
 
@@ -33,7 +36,7 @@ from typing import Dict, NamedTuple, Optional
 
 import torch
 
-from .base import FLOAT_DTYPES, HALF_AND_SINGLE, Backend
+from .base import FLOAT_DTYPES, HALF_AND_SINGLE, Backend, SizeLimit, shared_memory_per_block
 
 __all__ = ["CppBackend", "CudaBackend", "Status", "status"]
 
@@ -163,10 +166,41 @@ class CppBackend(_ExtensionBackend):
             return super().patch_embed_backward(*args)
 
 
+#: threads per block of the CUDA cross-attention kernels (kThreads): one thread per head at most
+CUDA_THREADS = 256
+#: the CUDA grid's y dimension, which holds the batch row of the cross-attention kernels
+CUDA_GRID_Y = 65535
+
+
+def cuda_core_shared_bytes(which: str, C: int, H: int) -> int:
+    """Shared memory per block of the CUDA cross-attention kernel ``which`` ("fwd" or "bwd") at its
+    smallest token tile (one token), in bytes, as pick_tile in csrc/crossvit_cuda.cu computes it:
+    forward (2 H C + 3 H) floats for the row's state plus (C + H) per token, backward (3 H C + 2 H)
+    plus (2 C + 2 H + 1). It takes a larger tile where that fits."""
+    if which == "fwd":
+        return 4 * ((2 * H * C + 3 * H) + (C + H))
+    return 4 * ((3 * H * C + 2 * H) + (2 * C + 2 * H + 1))
+
+
 class CudaBackend(_ExtensionBackend):
     name = "cuda"
     kind = "cuda"
     devices = ("cuda",)
+    size_limits = {"cross_attention": (
+        SizeLimit("the batch size B", lambda s: s["B"], CUDA_GRID_Y,
+                  "the CUDA kernels put the batch on the grid's y dimension; split the batch, or use "
+                  "backend='triton' or 'torch'"),
+        SizeLimit("the number of heads H", lambda s: s["H"], CUDA_THREADS,
+                  f"one thread per head in a block of {CUDA_THREADS}; use backend='triton' or 'torch'"),
+        SizeLimit("the shared memory of the forward kernel (bytes per block)",
+                  lambda s: cuda_core_shared_bytes("fwd", s["C"], s["H"]), shared_memory_per_block,
+                  "(2 H C + 4 H + C) floats at its smallest token tile, more than this GPU has per block; use "
+                  "backend='triton' or 'torch'"),
+        SizeLimit("the shared memory of the backward kernel (bytes per block)",
+                  lambda s: cuda_core_shared_bytes("bwd", s["C"], s["H"]), shared_memory_per_block,
+                  "(3 H C + 4 H + 2 C + 1) floats at its smallest token tile, more than this GPU has per block; "
+                  "use backend='triton' or 'torch'", backward=True),
+    )}
 
     def unavailable_reason(self) -> Optional[str]:
         if torch.version.cuda is None:

@@ -111,11 +111,14 @@ def _cross_attention(x_cls, x_tokens, norm_weight, norm_bias, wq, bq, wk, bk, wv
         # the absorbed formulation in standard, differentiable operators: no custom op in the graph
         return absorbed_cross_attention(x_cls, x_tokens, norm_weight, norm_bias, wq, bq, wk, wv, bv, wo, bo, num_heads,
                                         eps, residual)
-    name = _backends.resolve_backend("cross_attention", name, x_cls.device, x_cls.dtype)
     args = (x_cls, x_tokens, norm_weight, norm_bias, wq, bq, wk, bk, wv, bv, wo, bo)
+    grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in args)
+    name = _backends.resolve_backend("cross_attention", name, x_cls.device, x_cls.dtype,
+                                     {"B": x_tokens.shape[0], "M": x_tokens.shape[1], "C": x_tokens.shape[2],
+                                      "H": num_heads}, backward=grad)
     if not plain_eager(args):
         return torch.ops.crossvit_kernels.cross_attention(*args, num_heads, eps, residual, name)[0]
-    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in args):
+    if grad:
         return CrossAttentionFunction.apply(*args, num_heads, eps, residual, name)[0]
     with torch.no_grad():  # the torch backend must not record a graph
         return _backends.get_backend(name).cross_attention_forward(

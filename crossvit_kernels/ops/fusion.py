@@ -16,6 +16,7 @@ Direction d (i = d, j = 1 - d), with the FUSION_PARAMS of the contract::
 """
 from __future__ import annotations
 
+import collections.abc
 from typing import List, Optional, Sequence, Tuple
 
 import torch
@@ -38,38 +39,50 @@ def fusion_stage(x0: Tensor, x1: Tensor, params: Sequence[Optional[Tensor]], hea
     """Both directions of a multi-scale block's cross-attention fusion: returns [out0, out1].
 
     Args:
-        x0, x1: (B, 1 + N0, C0), (B, 1 + N1, C1) the branches' tokens, CLS first (never written).
+        x0, x1: (B, 1 + N0, C0), (B, 1 + N1, C1) the branches' tokens, CLS first (never written);
+            B >= 0 (an empty batch runs :func:`fusion_stage_reference`).
         params: 36 tensors, direction 0's FUSION_PARAMS then direction 1's (bq, bk, bv may be None).
         heads: (H0, H1), the heads of each direction's attention (H_d divides C_j).
         eps: 6 LayerNorm epsilons, (eps_f, eps_n, eps_g) per direction.
         backend: None (the current default), "auto" or a name. A backend that does not declare the
-            stage runs :func:`fusion_stage_reference` (the textbook composition).
+            stage, or whose size limits the inputs exceed, runs :func:`fusion_stage_reference` (the
+            textbook composition).
     """
-    params = list(params)
-    _validate(x0, x1, params, heads, eps, backend)
+    params = _validate(x0, x1, params, heads, eps, backend)
     heads, eps = [int(h) for h in heads], [float(e) for e in eps]
-    name = _stage_backend(backend, x0)
-    if name is None or traced_as_aten():
-        return fusion_stage_reference(x0, x1, params, heads, eps)
     present = [p for p in params if p is not None]
+    grad = _needs_grad([x0, x1] + present)
+    name = _stage_backend(backend, x0, x1, heads, grad)
+    if name is None or x0.shape[0] == 0 or traced_as_aten():
+        # an empty batch has nothing to fuse (the backends take B >= 1): the textbook form gives the
+        # empty outputs and their graph
+        return fusion_stage_reference(x0, x1, params, heads, eps)
     layout = heads + [int(p is not None) for p in params]
     if not plain_eager([x0, x1] + present):
         return list(torch.ops.crossvit_kernels.fusion_stage(x0, x1, present, layout, eps, name)[:2])
-    if torch.is_grad_enabled() and any(t.requires_grad for t in [x0, x1] + present):
+    if grad:
         return list(FusionStageFunction.apply(x0, x1, layout, eps, name, *present)[:2])
     with torch.no_grad():
         return _backends.get_backend(name).fusion_stage_forward(x0, x1, params, heads, eps)[:2]
 
 
-def _stage_backend(backend: Optional[str], x0: Tensor) -> Optional[str]:
-    """The backend that runs the stage for x0's device and dtype, or None (no backend declares it)."""
+def _needs_grad(tensors: Sequence[Tensor]) -> bool:
+    return torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
+
+
+def _stage_backend(backend: Optional[str], x0: Tensor, x1: Tensor, heads: Sequence[int],
+                   backward: bool) -> Optional[str]:
+    """The backend that runs the stage for the branches' device, dtype and sizes (and its backward
+    when ``backward``), or None (no backend declares it for them, within its limits)."""
     name = _backends.check_name(backend if backend is not None else _backends.get_default_backend())
     if name == "reference":
         return None
+    sizes = {"B": x0.shape[0], "N0": x0.shape[1] - 1, "C0": x0.shape[2], "N1": x1.shape[1] - 1, "C1": x1.shape[2],
+             "H0": heads[0], "H1": heads[1]}
     if name != "auto":
-        return name if _backends.supports(name, "fusion_stage", x0.device, x0.dtype) is None else None
+        return name if _backends.supports(name, "fusion_stage", x0.device, x0.dtype, sizes, backward) is None else None
     try:
-        return _backends.resolve_backend("fusion_stage", "auto", x0.device, x0.dtype)
+        return _backends.resolve_backend("fusion_stage", "auto", x0.device, x0.dtype, sizes, backward)
     except RuntimeError:
         return None
 
@@ -87,13 +100,13 @@ def fusion_stage_reference(x0: Tensor, x1: Tensor, params: Sequence[Optional[Ten
         p = dict(zip(FUSION_PARAMS, params[d * _NP:(d + 1) * _NP]))
         H = heads[d]
         B, _, Ci = xi.shape
-        Cj = xj.shape[2]
+        Nj, Cj = xj.shape[1], xj.shape[2]
         D = Cj // H
         qx = F.linear(F.gelu(F.layer_norm(xi[:, 0], (Ci,), p["f_ln_w"], p["f_ln_b"], eps[3 * d])), p["f_w"], p["f_b"])
         y = F.layer_norm(torch.cat([qx[:, None], xj[:, 1:]], 1), (Cj,), p["n_w"], p["n_b"], eps[3 * d + 1])
         q = F.linear(y[:, :1], p["wq"], p["bq"]).reshape(B, 1, H, D).transpose(1, 2)
-        k = F.linear(y, p["wk"], p["bk"]).reshape(B, -1, H, D).transpose(1, 2)
-        v = F.linear(y, p["wv"], p["bv"]).reshape(B, -1, H, D).transpose(1, 2)
+        k = F.linear(y, p["wk"], p["bk"]).reshape(B, Nj, H, D).transpose(1, 2)
+        v = F.linear(y, p["wv"], p["bv"]).reshape(B, Nj, H, D).transpose(1, 2)
         a = ((q @ k.transpose(-2, -1)) * D ** -0.5).softmax(-1)
         c = qx + F.linear((a @ v).transpose(1, 2).reshape(B, Cj), p["wo"], p["bo"])
         new = F.linear(F.gelu(F.layer_norm(c, (Cj,), p["g_ln_w"], p["g_ln_b"], eps[3 * d + 2])), p["g_w"], p["g_b"])
@@ -105,17 +118,35 @@ def fusion_stage_reference(x0: Tensor, x1: Tensor, params: Sequence[Optional[Ten
 # argument checks
 # ---------------------------------------------------------------------------------------------
 
-def _validate(x0, x1, params, heads, eps, backend) -> None:
+def _sequence(name: str, value, what: str) -> list:
+    """``value`` as a list, or a TypeError saying what ``name`` must be (a tensor, a string or a
+    mapping is not a sequence of arguments here, though Python can iterate over it)."""
+    if isinstance(value, (str, bytes, torch.Tensor)) or not isinstance(value, collections.abc.Sequence):
+        raise TypeError(f"{name} must be a list or tuple of {what}, got {type(value).__name__}")
+    return list(value)
+
+
+def _validate(x0, x1, params, heads, eps, backend) -> List[Optional[Tensor]]:
+    """Checks every argument of :func:`fusion_stage`; returns ``params`` as a list."""
     check_tensor("x0", x0, ndim=3)
     check_tensor("x1", x1, ndim=3)
     if x0.shape[0] != x1.shape[0]:
         raise ValueError(f"batch sizes disagree: x0 has {x0.shape[0]} rows, x1 {x1.shape[0]}")
     if x0.shape[1] < 1 or x1.shape[1] < 1:
         raise ValueError(f"each branch needs its CLS token: got x0 {tuple(x0.shape)}, x1 {tuple(x1.shape)}")
+    if x0.shape[2] == 0 or x1.shape[2] == 0:
+        raise ValueError(f"empty width: got x0 {tuple(x0.shape)}, x1 {tuple(x1.shape)}; need C0, C1 >= 1")
+    params = _sequence("params", params, f"{2 * _NP} tensors (FUSION_PARAMS per direction, None for an absent "
+                                         f"{', '.join(FUSION_OPTIONAL)})")
     if len(params) != 2 * _NP:
         raise ValueError(f"params must hold {2 * _NP} entries (FUSION_PARAMS per direction), got {len(params)}")
-    if len(heads) != 2 or len(eps) != 6:
-        raise ValueError(f"heads must be (H0, H1) and eps six LayerNorm epsilons, got {heads!r}, {eps!r}")
+    heads = _sequence("heads", heads, "two head counts (H0, H1)")
+    eps = _sequence("eps", eps, "six LayerNorm epsilons (eps_f, eps_n, eps_g per direction)")
+    if len(heads) != 2:
+        raise ValueError(f"heads must be (H0, H1), one head count per direction, got {len(heads)}: {heads!r}")
+    if len(eps) != 6:
+        raise ValueError(f"eps must hold six LayerNorm epsilons (eps_f, eps_n, eps_g per direction), got "
+                         f"{len(eps)}: {eps!r}")
     named = {"x0": x0, "x1": x1}
     for d, (Ci, Cj) in enumerate(((x0.shape[2], x1.shape[2]), (x1.shape[2], x0.shape[2]))):
         shapes = dict(f_ln_w=(Ci,), f_ln_b=(Ci,), f_w=(Cj, Ci), f_b=(Cj,), n_w=(Cj,), n_b=(Cj,), wq=(Cj, Cj),
@@ -123,16 +154,22 @@ def _validate(x0, x1, params, heads, eps, backend) -> None:
                       g_ln_b=(Cj,), g_w=(Ci, Cj), g_b=(Ci,))
         for k, name in enumerate(FUSION_PARAMS):
             t = params[d * _NP + k]
-            check_tensor(f"{name}{d}", t, shape=shapes[name], optional=name in FUSION_OPTIONAL)
+            try:
+                check_tensor(f"{name}{d}", t, shape=shapes[name], optional=name in FUSION_OPTIONAL)
+            except ValueError as exc:
+                raise ValueError(f"{exc} (params[{d * _NP + k}]: direction {d} projects x{d}'s width "
+                                 f"C{d}={Ci} to x{1 - d}'s C{1 - d}={Cj} and back)") from None
             named[f"{name}{d}"] = t
         h = heads[d]
         if isinstance(h, bool) or not isinstance(h, int) or h <= 0 or Cj % h:
-            raise ValueError(f"heads[{d}]={h!r} must be a positive int dividing C={Cj}")
+            raise ValueError(f"heads[{d}]={h!r} must be a positive int dividing C{1 - d}={Cj} (direction {d} "
+                             f"attends over x{1 - d}'s tokens)")
     check_same(named)
     for e in eps:
         if isinstance(e, bool) or not isinstance(e, (int, float)) or not e > 0:
             raise ValueError(f"every eps must be a positive number, got {eps!r}")
     check_backend_arg(backend)
+    return params
 
 
 # ---------------------------------------------------------------------------------------------
@@ -322,12 +359,6 @@ def fuse_modules(projs: Sequence[nn.Module], fusion: Sequence[nn.Module], revert
     backend = _block_backend(fusion[0])
     if _block_backend(fusion[1]) != backend:
         return None
-    try:
-        name = _stage_backend(backend, x0)
-    except (TypeError, ValueError):
-        return None
-    if name is None:
-        return None
     params, heads, eps = [], [], []
     for d in range(2):
         (fln, flin), (n, a), (gln, glin) = fs[d], blocks[d], gs[d]
@@ -337,7 +368,10 @@ def fuse_modules(projs: Sequence[nn.Module], fusion: Sequence[nn.Module], revert
         heads.append(int(a.num_heads))
         eps += [float(fln.eps), float(n.eps), float(gln.eps)]
     try:
-        _validate(x0, x1, params, heads, eps, name)
+        _validate(x0, x1, params, heads, eps, backend)
+        name = _stage_backend(backend, x0, x1, heads, _needs_grad([x0, x1] + [p for p in params if p is not None]))
     except (TypeError, ValueError):
+        return None
+    if name is None:
         return None
     return fusion_stage(x0, x1, params, heads, eps, backend=name)

@@ -67,11 +67,16 @@ def patch_embed(
     if name == "reference" or images.shape[0] == 0 or traced_as_aten():
         # an empty batch has nothing to fuse; ONNX and torch.func take the convolution as it is
         return ReferenceBackend.patch_embed(images, weight, bias, pos_embed, cls_token)
-    name = _backends.resolve_backend("patch_embed", name, images.device, images.dtype)
     args = (images, weight, bias, pos_embed, cls_token)
+    grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in args)
+    B, Cin, IH, IW = images.shape
+    _, _, PH, PW = weight.shape
+    name = _backends.resolve_backend("patch_embed", name, images.device, images.dtype,
+                                     {"B": B, "Cin": Cin, "IH": IH, "IW": IW, "C": C, "PH": PH, "PW": PW},
+                                     backward=grad)
     if not plain_eager(args):
         return torch.ops.crossvit_kernels.patch_embed(*args, name)
-    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in args):
+    if grad:
         return PatchEmbedFunction.apply(*args, name)
     with torch.no_grad():
         return _backends.get_backend(name).patch_embed_forward(*args)

@@ -9,7 +9,8 @@ three kernels around the one-pass core of ``cross_attention.py``) for float16, b
 float32, and the core's backward; float64 and the backward's projections use the inherited
 absorbed formulation around the core. ``fusion.py`` runs a multi-scale block's whole
 cross-attention fusion stage (both directions) in three launches forward and three backward.
-``patch_embed.py`` holds the patch embedding.
+``patch_embed.py`` holds the patch embedding. ``limits.py`` declares the kernels' hard limits on
+the ops' sizes (``size_limits``: 16-bit widths, shared memory per program, grid sizes).
 """
 from __future__ import annotations
 
@@ -34,7 +35,9 @@ class TritonBackend(Backend):
     def __init__(self):
         # imports Triton: fails here if it is broken
         from . import cross_attention, fusion, patch_embed, projections
+        from .limits import SIZE_LIMITS
         self._core, self._patch, self._proj, self._fusion = cross_attention, patch_embed, projections, fusion
+        self.size_limits = SIZE_LIMITS
 
     def unavailable_reason(self) -> Optional[str]:
         if not torch.cuda.is_available() and not interpreting():

@@ -502,6 +502,11 @@ _HALF_BLOCK_N = {"fwd": {16: 64, 32: 64, 64: 64, 128: 64, 256: 64, 512: 16, 1024
                  "bwd": {16: 32, 32: 32, 64: 32, 128: 32, 256: 32, 512: 16, 1024: 16}}
 
 
+#: The widest tokens (C_PAD) the 16-bit tiles are chosen for: wider 16-bit tokens are beyond the
+#: backend's limits (backends/triton/limits.py).
+HALF_MAX_WIDTH = min(max(table) for table in _HALF_BLOCK_N.values())
+
+
 def stream_config(which: str, C: int, dtype: torch.dtype, block_n: Optional[int] = None) -> StreamConfig:
     """The streaming kernels' token tile, the backward's column chunk for dx, warps and stages,
     for tokens of width C and ``dtype`` (``which``: "fwd" or "bwd")."""
@@ -515,6 +520,27 @@ def stream_config(which: str, C: int, dtype: torch.dtype, block_n: Optional[int]
     if block_n is not None:
         bn = block_n
     return StreamConfig(bn, min(64, c_pad), 4, 1)
+
+
+def stream_shared_bytes(which: str, C: int, H: int, dtype: torch.dtype) -> int:
+    """An upper bound of the shared memory, in bytes, one program of the streaming kernel ``which``
+    ("fwd" or "bwd") takes for H heads over tokens of width C in ``dtype``, at the launcher's
+    config: every operand of its products staged at once, in the operand dtype, plus 2 KiB. The
+    operands: the token tile (twice for 16-bit tokens, as the tensor cores' A operand of the
+    scores and B operand of the weighted sums; once for the IEEE products of float32 and float64),
+    the stacked absorbed query [C_PAD, 2 H_PAD] (with dz, [C_PAD, 4 H_PAD], backward), the softmax
+    coefficients [2 H_PAD, BLOCK_N], and the backward's dx operands [BLOCK_N, 4 H_PAD] and
+    [4 H_PAD, C_CHUNK]. A launch of two problems takes the larger of theirs. The compiler's
+    figures for sm_90 stay within it (tests/test_triton_limits.py compares them); the backend's
+    limits compare it with the GPU's shared memory per block."""
+    cfg = stream_config(which, C, dtype)
+    c_pad, bn, h2 = _pad(C), cfg.block_n, 2 * _pad_heads(H)
+    tiles = 2 if dtype in (torch.float16, torch.bfloat16) else 1
+    if which == "fwd":
+        elements = tiles * bn * c_pad + h2 * c_pad + h2 * bn
+    else:
+        elements = tiles * bn * c_pad + 2 * h2 * c_pad + h2 * bn + 2 * h2 * bn + 2 * h2 * cfg.c_chunk
+    return elements * mma_dtype(dtype).itemsize + 2048
 
 
 def ctas_per_sm(which: str, C: int, dtype: torch.dtype) -> int:

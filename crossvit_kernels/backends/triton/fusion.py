@@ -815,6 +815,30 @@ def _pad16(n: int) -> int:
     return max(16, triton.next_power_of_2(n))
 
 
+def stage_shared_bytes(which: str, C0: int, C1: int, H0: int, H1: int, dtype: torch.dtype) -> int:
+    """An upper bound of the shared memory, in bytes, of the stage's largest launch ``which``
+    ("fwd": prologue, token pass, epilogue; "bwd": launches A, B and C) for branches of widths C0,
+    C1 and heads (H0, H1) in ``dtype``: the streaming kernel's (each direction's token problem,
+    cross_attention.stream_shared_bytes: direction 0 over C1 with H0 heads, direction 1 over C0
+    with H1), or the row kernels' and tile programs', whose operands grow with the head width:
+    [BLOCK_B, D_PAD] and [D_PAD, BLOCK_C] tiles in the operand dtype, D_PAD at least the 64 of the
+    BLOCK_K x BLOCK_C tiles, plus 2 KiB. The compiler's figures for sm_90 stay within it
+    (tests/test_triton_limits.py compares them)."""
+    stream = max(K.stream_shared_bytes(which, Cj, H, dtype) for Cj, H in ((C1, H0), (C0, H1)))
+    d_pad = max(64, _pad16(C1 // H0), _pad16(C0 // H1))
+    rows = (ROWS + 64) * d_pad * (2 if _half(dtype) else 4) + 2048
+    return max(stream, rows)
+
+
+def stage_max_programs(B: int, C0: int, C1: int, H0: int, H1: int) -> int:
+    """The most programs one launch of the stage can hold: backward launch B's (both directions'
+    token programs, at most MAX_SPLITS per row, and its tile programs) or launch C's (row programs
+    and tile programs); the forward's are fewer."""
+    nt = lambda c: triton.cdiv(c, TILE_SIZE)                                          # noqa: E731
+    tiles = sum(nt(Ci) * nt(Cj) + nt(Cj) * nt(Cj) + H * nt(Cj) + nt(Cj) for Ci, Cj, H in ((C0, C1, H0), (C1, C0, H1)))
+    return max(2 * B * K.MAX_SPLITS + tiles, 2 * triton.cdiv(B, ROWS) + tiles + nt(C0) + nt(C1))
+
+
 def _or(t: Optional[Tensor], stand_in: Tensor) -> Tensor:
     return stand_in if t is None else t
 

@@ -195,6 +195,18 @@ def _xattn_output_kernel(
     tl.store(out_ptr + rows[:, None] * C + offs_c[None, :], acc.to(out_ptr.dtype.element_ty), mask=mask)
 
 
+def projection_shared_bytes(C: int, H: int) -> int:
+    """An upper bound of the shared memory, in bytes, of the three kernels (the largest) at the
+    launcher's block sizes for H heads of width C. The query and value kernels' float32 tensor-core
+    operands grow with the head width: the weight tiles [BLOCK_K, D_PAD] and [D_PAD, BLOCK_K] and
+    the query [BLOCK_B, D_PAD], plus 12 KiB for the [BLOCK_B, BLOCK_K] tiles and the compiler's
+    staging. The output kernel's do not: two pipeline stages of its float32 [BLOCK_B, BLOCK_K] and
+    [BLOCK_K, 64] tiles. The compiler's figures for sm_90 stay within it
+    (tests/test_triton_limits.py compares them)."""
+    d_pad = max(16, triton.next_power_of_2(C // H))
+    return max(4 * (2 * BLOCK_K + BLOCK_B) * d_pad + 12 * 1024, 2 * 4 * (BLOCK_B + 64) * BLOCK_K)
+
+
 def _contig(t: Optional[Tensor]) -> Optional[Tensor]:
     return None if t is None else t.contiguous()
 
