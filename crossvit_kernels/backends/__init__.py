@@ -41,7 +41,7 @@ from typing import Dict, Iterator, Mapping, Optional, Union
 
 import torch
 
-from .base import OP_SIZES, OPS, Backend
+from .base import OP_SIZES, OPS, Backend, constant_under_compile
 
 __all__ = [
     "BACKENDS",
@@ -182,12 +182,7 @@ def _check_sizes(op: str, sizes) -> None:
 
 def _reason(name: str, op: str, device: torch.device, dtype: torch.dtype, sizes: Optional[Mapping[str, int]],
             backward: bool = True) -> Optional[str]:
-    if torch.compiler.is_compiling():
-        # Dynamo cannot follow the first load of a backend (a lock, an import): the answer is
-        # computed outside the trace and is a constant of the graph
-        reason = _supports_untraced(name, op, device, dtype)
-    else:
-        reason = _supports(name, op, device, dtype)
+    reason = _supports(name, op, device, dtype)
     if reason is None and sizes is not None:
         # traced (the sizes may be symbolic under torch.compile: each comparison becomes a guard);
         # the backend was loaded by the check above
@@ -195,12 +190,11 @@ def _reason(name: str, op: str, device: torch.device, dtype: torch.dtype, sizes:
     return reason
 
 
+@constant_under_compile   # Dynamo cannot follow the first load of a backend (a lock, an import)
 def _supports(name: str, op: str, device: torch.device, dtype: torch.dtype) -> Optional[str]:
     backend = _load(name)
     return _load_errors[name] if backend is None else backend.supports(op, device, dtype)
 
-
-_supports_untraced = torch.compiler.assume_constant_result(_supports)
 
 
 def available_backends() -> Dict[str, Union[bool, str]]:

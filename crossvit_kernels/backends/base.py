@@ -128,7 +128,16 @@ class SizeLimit(NamedTuple):
     backward: bool = False
 
 
-@torch.compiler.assume_constant_result
+def constant_under_compile(fn):
+    """What ``torch.compiler.assume_constant_result(fn)`` does (Dynamo calls ``fn`` while it traces
+    and keeps the result as a constant of the graph), without importing ``torch._dynamo``, and with
+    it Triton, when the package is imported. tests/test_dropin.py::test_compile_fullgraph_as_first_call
+    checks that Dynamo honours it."""
+    fn._dynamo_marked_constant = True
+    return fn
+
+
+@constant_under_compile
 def shared_memory_per_block(device: torch.device) -> int:
     """The shared memory one block may use on the CUDA ``device``, in bytes (the opt-in maximum):
     the ``most`` of a shared-memory ``SizeLimit``. A constant under torch.compile. Without a CUDA
