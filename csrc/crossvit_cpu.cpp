@@ -393,8 +393,8 @@ XShape expect_core_inputs(const Tensor& x_cls, const Tensor& x_tokens, const Ten
 // machine a thread whose core another process holds arrives up to a scheduler slice late
 // (milliseconds), whatever the size of the work, so a call's time under load grows with the
 // number of regions it opens, not with its work. Hence: each kernel opens at most one region in
-// which work items are handed out dynamically; while the machine is busy (a region's end cost more
-// waiting than work) the kernels run on the calling thread alone, and the small steps the cpp
+// which work items are handed out dynamically, and while the machine is busy (a region's end cost
+// more waiting than it saved) the kernels run on the calling thread alone; the small steps the cpp
 // backend runs around them (the B x C x C projections, the CLS's LayerNorm:
 // backends/extension.py) run on one thread inside a serial section, where ATen and MKL open no
 // region at all. docs/design.md, section 10.
@@ -404,10 +404,8 @@ XShape expect_core_inputs(const Tensor& x_cls, const Tensor& x_tokens, const Ten
 // time, else null.
 extern "C" int MKL_Set_Num_Threads_Local(int) __attribute__((weak));
 
-// The calling thread's serial-section depth, whether its outermost section took effect, and the
-// thread count its kernels use meanwhile.
+// The calling thread's serial-section depth and the thread count its kernels use meanwhile.
 thread_local int tl_serial_depth = 0;
-thread_local bool tl_serial_on = false;
 thread_local int tl_kernel_threads = 1;
 thread_local int tl_mkl_saved = 0;
 
@@ -418,26 +416,17 @@ void set_intraop_threads(int n) {
   (void)n;
 }
 
-bool machine_busy();
-
-// Enters (depth + 1) or leaves (depth - 1) the calling thread's serial section; nests. The
-// outermost section takes effect only while the machine is busy (machine_busy): on an idle machine
-// the steps around the kernels keep their threads (at C = 448 the B x C x C projections gain from
-// two).
+// Enters (depth + 1) or leaves (depth - 1) the calling thread's serial section; nests.
 void serial_section(bool enter) {
   if (enter) {
     if (tl_serial_depth++ == 0) {
-      tl_serial_on = machine_busy();
-      if (tl_serial_on) {
-        tl_kernel_threads = static_cast<int>(at::get_num_threads());  // also runs ATen's per-thread init first
-        set_intraop_threads(1);
-        tl_mkl_saved = MKL_Set_Num_Threads_Local ? MKL_Set_Num_Threads_Local(1) : 0;
-      }
+      tl_kernel_threads = static_cast<int>(at::get_num_threads());  // also runs ATen's per-thread init first
+      set_intraop_threads(1);
+      tl_mkl_saved = MKL_Set_Num_Threads_Local ? MKL_Set_Num_Threads_Local(1) : 0;
     }
   } else {
     CVK_EXPECT(tl_serial_depth > 0);
-    if (--tl_serial_depth == 0 && tl_serial_on) {
-      tl_serial_on = false;
+    if (--tl_serial_depth == 0) {
       set_intraop_threads(tl_kernel_threads);
       if (MKL_Set_Num_Threads_Local) MKL_Set_Num_Threads_Local(tl_mkl_saved);
     }
@@ -447,10 +436,10 @@ void serial_section(bool enter) {
 // A kernel's parallel region runs with the thread count the caller had outside a serial section.
 struct KernelThreads {
   KernelThreads() {
-    if (tl_serial_on) set_intraop_threads(tl_kernel_threads);
+    if (tl_serial_depth > 0) set_intraop_threads(tl_kernel_threads);
   }
   ~KernelThreads() {
-    if (tl_serial_on) set_intraop_threads(1);
+    if (tl_serial_depth > 0) set_intraop_threads(1);
   }
   KernelThreads(const KernelThreads&) = delete;
   KernelThreads& operator=(const KernelThreads&) = delete;
@@ -459,7 +448,7 @@ struct KernelThreads {
 // While the machine is busy the kernels run on the calling thread alone (until this steady-clock
 // time, in ns): shared by all threads, a heuristic only (a kernel's result never depends on it).
 std::atomic<int64_t> g_serial_until_ns{0};
-constexpr int64_t kSerialBackoffNs = 200'000'000;  // how long a region found too costly stays avoided
+constexpr int64_t kSerialBackoffNs = 1'000'000'000;  // how long the machine counts as busy after a costly region
 constexpr int64_t kMinWaitNs = 500'000;            // waits below this are never taken for contention
 
 int64_t now_ns() {
@@ -473,10 +462,11 @@ bool machine_busy() { return now_ns() < g_serial_until_ns.load(std::memory_order
 // Runs fn once on each thread of ATen's pool: the kernel's one parallel region. The work items are
 // handed out dynamically (an atomic counter) so a thread that the OS descheduled on a busy machine
 // does not hold the others back; which thread runs an item never changes its result, and items are
-// combined in order. The region still ends when its last thread arrives: when the calling thread
-// waited there longer than it worked (two threads can at best halve the time, so the region cost
-// more than it could save), the machine is taken as busy and the kernels run fn on the calling
-// thread alone for the next kSerialBackoffNs, then try the region again.
+// combined in order. The region still ends when its last thread is done: on an idle machine the
+// threads finish within about an item of each other. When the first one to finish waited for the
+// last longer than half the region (two threads can at best halve the time, so the region cost
+// more than it saved), the machine counts as busy for the next kSerialBackoffNs: the kernels run
+// fn on the calling thread alone, and the serial sections take effect.
 template <typename F>
 void for_each_thread(const F& fn) {
   const KernelThreads threads;
@@ -485,14 +475,19 @@ void for_each_thread(const F& fn) {
     fn();
     return;
   }
-  int64_t t0 = now_ns(), caller_done = 0;
+  const int64_t t0 = now_ns();
+  std::atomic<int64_t> first_done{std::numeric_limits<int64_t>::max()}, last_done{0};
   at::parallel_for(0, n, 1, [&](int64_t begin, int64_t end) {
     for (int64_t t = begin; t < end; ++t) fn();
-    if (at::get_thread_num() == 0) caller_done = now_ns();
+    const int64_t done = now_ns();
+    for (int64_t v = first_done.load(); done < v && !first_done.compare_exchange_weak(v, done);) {
+    }
+    for (int64_t v = last_done.load(); done > v && !last_done.compare_exchange_weak(v, done);) {
+    }
   });
-  const int64_t t1 = now_ns();
-  if (caller_done > 0 && t1 - caller_done > std::max(kMinWaitNs, caller_done - t0))
-    g_serial_until_ns.store(t1 + kSerialBackoffNs, std::memory_order_relaxed);
+  const int64_t waited = last_done.load() - first_done.load(), took = now_ns() - t0;
+  if (waited > std::max(kMinWaitNs, took / 2))
+    g_serial_until_ns.store(now_ns() + kSerialBackoffNs, std::memory_order_relaxed);
 }
 
 // Number of token splits per batch row: a function of the shapes only (never of the thread count).
