@@ -393,9 +393,9 @@ XShape expect_core_inputs(const Tensor& x_cls, const Tensor& x_tokens, const Ten
 // machine a thread whose core another process holds arrives up to a scheduler slice late
 // (milliseconds), whatever the size of the work, so a call's time under load grows with the
 // number of regions it opens, not with its work. Hence: each kernel opens at most one region in
-// which work items are handed out dynamically, and while the machine is busy (a region's end cost
-// more waiting than it saved) the kernels run on the calling thread alone; the small steps the cpp
-// backend runs around them (the B x C x C projections, the CLS's LayerNorm:
+// which work items are handed out dynamically. While the machine is busy (a region's end cost
+// more waiting than it saved) the kernels run on the calling thread alone, and the small steps the
+// cpp backend runs around them (the B x C x C projections, the CLS's LayerNorm:
 // backends/extension.py) run on one thread inside a serial section, where ATen and MKL open no
 // region at all. docs/design.md, section 10.
 
@@ -404,8 +404,10 @@ XShape expect_core_inputs(const Tensor& x_cls, const Tensor& x_tokens, const Ten
 // time, else null.
 extern "C" int MKL_Set_Num_Threads_Local(int) __attribute__((weak));
 
-// The calling thread's serial-section depth and the thread count its kernels use meanwhile.
+// The calling thread's serial-section depth, whether its outermost section took effect, and the
+// thread count its kernels use meanwhile.
 thread_local int tl_serial_depth = 0;
+thread_local bool tl_serial_on = false;
 thread_local int tl_kernel_threads = 1;
 thread_local int tl_mkl_saved = 0;
 
@@ -416,17 +418,23 @@ void set_intraop_threads(int n) {
   (void)n;
 }
 
-// Enters (depth + 1) or leaves (depth - 1) the calling thread's serial section; nests.
+bool machine_busy();
+
+// Enters (depth + 1) or leaves (depth - 1) the calling thread's serial section; nests. The
+// outermost section takes effect only while the machine counts as busy: on an idle machine the
+// steps around the kernels keep their threads (the projections' GEMMs and the backward's
+// reductions gain from two).
 void serial_section(bool enter) {
   if (enter) {
-    if (tl_serial_depth++ == 0) {
+    if (tl_serial_depth++ == 0 && (tl_serial_on = machine_busy())) {
       tl_kernel_threads = static_cast<int>(at::get_num_threads());  // also runs ATen's per-thread init first
       set_intraop_threads(1);
       tl_mkl_saved = MKL_Set_Num_Threads_Local ? MKL_Set_Num_Threads_Local(1) : 0;
     }
   } else {
     CVK_EXPECT(tl_serial_depth > 0);
-    if (--tl_serial_depth == 0) {
+    if (--tl_serial_depth == 0 && tl_serial_on) {
+      tl_serial_on = false;
       set_intraop_threads(tl_kernel_threads);
       if (MKL_Set_Num_Threads_Local) MKL_Set_Num_Threads_Local(tl_mkl_saved);
     }
@@ -436,10 +444,10 @@ void serial_section(bool enter) {
 // A kernel's parallel region runs with the thread count the caller had outside a serial section.
 struct KernelThreads {
   KernelThreads() {
-    if (tl_serial_depth > 0) set_intraop_threads(tl_kernel_threads);
+    if (tl_serial_on) set_intraop_threads(tl_kernel_threads);
   }
   ~KernelThreads() {
-    if (tl_serial_depth > 0) set_intraop_threads(1);
+    if (tl_serial_on) set_intraop_threads(1);
   }
   KernelThreads(const KernelThreads&) = delete;
   KernelThreads& operator=(const KernelThreads&) = delete;

@@ -132,10 +132,11 @@ class _ExtensionBackend(Backend):
 class CppBackend(_ExtensionBackend):
     """The CPU kernels. Each kernel opens at most one parallel region, with the caller's thread
     count and work handed out dynamically, and each op runs in a serial section of the calling
-    thread, where the small steps around the kernels (the B x C x C projections, the CLS's
-    LayerNorm, the batch sums) open no parallel region. On a busy machine every region costs up to
-    a scheduler slice (a thread whose core another process holds arrives late at its end), so the
-    number of regions, not the work, decides a call's time there (docs/design.md, section 10)."""
+    thread, where, while the machine is busy, the small steps around the kernels (the B x C x C
+    projections, the CLS's LayerNorm, the batch sums) open no parallel region. On a busy machine
+    every region costs up to a scheduler slice (a thread whose core another process holds arrives
+    late at its end), so the number of regions, not the work, decides a call's time there
+    (docs/design.md, section 10)."""
 
     name = "cpp"
     kind = "cpu"
