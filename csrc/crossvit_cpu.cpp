@@ -477,12 +477,12 @@ bool machine_busy() { return now_ns() < g_serial_until_ns.load(std::memory_order
 // fn on the calling thread alone, and the serial sections take effect.
 template <typename F>
 void for_each_thread(const F& fn) {
-  const KernelThreads threads;
-  const int64_t n = at::in_parallel_region() ? 1 : at::get_num_threads();
+  const int64_t n = at::in_parallel_region() ? 1 : tl_serial_on ? tl_kernel_threads : at::get_num_threads();
   if (n == 1 || machine_busy()) {
-    fn();
+    fn();  // on the calling thread, inside the serial section if any (then ATen and MKL open no region)
     return;
   }
+  const KernelThreads threads;
   const int64_t t0 = now_ns();
   std::atomic<int64_t> first_done{std::numeric_limits<int64_t>::max()}, last_done{0};
   at::parallel_for(0, n, 1, [&](int64_t begin, int64_t end) {
