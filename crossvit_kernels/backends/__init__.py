@@ -20,8 +20,8 @@ as data (devices, dtypes per op, the reason for what it leaves out, and the limi
 on each op's sizes, such as a CUDA grid dimension or a GPU's shared memory, each with its reason);
 :func:`supports` and :func:`explain_dispatch` read that data. The ops pass their inputs' sizes
 (``base.OP_SIZES``): ``auto`` skips a backend whose limits they exceed, and a backend requested
-by name raises NotImplementedError naming the limit. Nothing here imports Triton or the compiled extension at
-import time: a backend's module is imported the first time it is asked about, and a failure to
+by name raises NotImplementedError naming the limit. Nothing here imports Triton or the compiled
+extension at import time: a backend's module is imported the first time it is asked about, and a failure to
 import it (ImportError, OSError, undefined symbols) makes that backend unavailable with the reason
 recorded, never a crash.
 
@@ -194,7 +194,6 @@ def _reason(name: str, op: str, device: torch.device, dtype: torch.dtype, sizes:
 def _supports(name: str, op: str, device: torch.device, dtype: torch.dtype) -> Optional[str]:
     backend = _load(name)
     return _load_errors[name] if backend is None else backend.supports(op, device, dtype)
-
 
 
 def available_backends() -> Dict[str, Union[bool, str]]:
