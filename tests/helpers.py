@@ -203,6 +203,23 @@ def run_cross_attention(inputs, backend, grad_out: Optional[torch.Tensor] = None
 # a tiny CrossViT with timm's weights, ours or patched (the drop-in and ONNX tests)
 # ---------------------------------------------------------------------------------------------
 
+
+def nvidia_compiler_reason() -> Optional[str]:
+    """None when Triton can compile for an NVIDIA target here (its NVIDIA backend and ptxas are
+    installed; no GPU needed), else why not: the skip reason of the compile-only sm_90 tests."""
+    try:
+        import triton
+        from triton.backends import backends
+        if "nvidia" not in backends:
+            return "this Triton install has no NVIDIA backend"
+        ptxas = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "ptxas")
+        if not os.path.exists(ptxas) and not os.environ.get("TRITON_PTXAS_PATH"):
+            return "Triton's bundled ptxas is missing"
+    except Exception as exc:  # no Triton, or an install without a compiler
+        return f"cannot use Triton's compiler: {exc}"
+    return None
+
+
 TINY_ARGS = dict(img_size=48, img_scale=(1.0, 1.0), patch_size=(12, 16), embed_dim=(24, 48), depth=((1, 1, 0),),
                  num_heads=(2, 4), mlp_ratio=(2.0, 2.0, 1.0), num_classes=5)
 

@@ -29,6 +29,7 @@ import pytest
 import torch
 
 from budget_tools import AddressRecorder, TritonLaunches, kernel_ops
+from helpers import nvidia_compiler_reason
 from helpers import HAS_GPU, TRITON_INTERPRET, compile_env, requires_triton, triton_installs
 from test_triton_fusion import grad_out_like, stage_inputs
 
@@ -229,20 +230,6 @@ def test_bytes_within_the_floor_budget(sm_count, B):
 # 3. sm_90 compilation: spills, programs per SM, tensor-core instructions
 # ---------------------------------------------------------------------------------------------
 
-def _nvidia_reason():
-    try:
-        import triton
-        from triton.backends import backends
-        if "nvidia" not in backends:
-            return "this Triton install has no NVIDIA backend"
-        ptxas = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "ptxas")
-        if not os.path.exists(ptxas) and not os.environ.get("TRITON_PTXAS_PATH"):
-            return "Triton's bundled ptxas is missing"
-    except Exception as exc:  # depends on the install
-        return f"cannot use Triton's compiler: {exc}"
-    return None
-
-
 #: (dtype, forced splits): the launches compiled, at the CrossViT-18 widths
 COMPILE_CASES = [("bfloat16", None), ("bfloat16", 2), ("float16", None)]
 
@@ -294,7 +281,7 @@ def _describe(r):
             f"{r['ctas_per_sm']} programs/SM, {r['ptx_mma']}")
 
 
-@pytest.mark.skipif(_nvidia_reason() is not None, reason=str(_nvidia_reason()))
+@pytest.mark.skipif(nvidia_compiler_reason() is not None, reason=str(nvidia_compiler_reason()))
 @pytest.mark.parametrize("install", [name for name, _ in triton_installs()])
 def test_stage_compiles_for_sm90_within_budget(stage_compiled, install):
     returncode, stderr, results = stage_compiled[install]
@@ -446,7 +433,7 @@ print('RESULT' + json.dumps(out))
 """
 
 
-@pytest.mark.skipif(_nvidia_reason() is not None, reason=str(_nvidia_reason()))
+@pytest.mark.skipif(nvidia_compiler_reason() is not None, reason=str(nvidia_compiler_reason()))
 @pytest.mark.parametrize("install", [name for name, _ in triton_installs()])
 def test_patch_embed_compiles_for_sm90_within_budget(install):
     """The 12- and 16-pixel patch embeddings (bf16, CrossViT-18 widths) on sm_90: no spills, at

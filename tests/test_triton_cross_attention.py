@@ -19,6 +19,7 @@ import sys
 import pytest
 import torch
 
+from helpers import nvidia_compiler_reason
 from helpers import (FACTOR, GRAD_FACTOR, HAS_GPU, TOL, assert_close, assert_within_ref_error, compile_env,
                      cross_attention_inputs, max_err, poison_, requires_gpu, requires_triton, run_cross_attention,
                      triton_installs, upcast)
@@ -305,20 +306,6 @@ def test_op_torch_compile_fullgraph_inductor():
 # compile-only: the kernels compile for a real NVIDIA target (no GPU needed) and fit its memory
 # ---------------------------------------------------------------------------------------------
 
-def _nvidia_backend_reason():
-    try:
-        import triton
-        from triton.backends import backends
-        if "nvidia" not in backends:
-            return "this Triton install has no NVIDIA backend"
-        ptxas = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "ptxas")
-        if not os.path.exists(ptxas) and not os.environ.get("TRITON_PTXAS_PATH"):
-            return "Triton's bundled ptxas is missing"
-    except Exception as exc:  # depends on the install
-        return f"cannot use Triton's compiler: {exc}"
-    return None
-
-
 H100_SMEM = 227 * 1024
 #: (which, dtype, C, H): the core-contract launches compiled for sm_90 (the budgets of the fusion
 #: stage's launches, registers and programs per SM, are in test_triton_budgets.py)
@@ -381,7 +368,7 @@ def _no_spill(r):
 INSTALL_IDS = [name for name, _ in triton_installs()]
 
 
-@pytest.mark.skipif(_nvidia_backend_reason() is not None, reason=str(_nvidia_backend_reason()))
+@pytest.mark.skipif(nvidia_compiler_reason() is not None, reason=str(nvidia_compiler_reason()))
 @pytest.mark.parametrize("install", INSTALL_IDS)
 @pytest.mark.parametrize("index", range(len(COMPILE_SPECS)), ids=["-".join(map(str, s)) for s in COMPILE_SPECS])
 def test_kernels_compile_for_sm90(gpu_compile_results, install, index):

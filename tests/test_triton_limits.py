@@ -17,6 +17,7 @@ import sys
 import pytest
 import torch
 
+from helpers import nvidia_compiler_reason
 from helpers import compile_env, cross_attention_inputs, requires_triton, run_cross_attention, triton_installs
 from test_triton_fusion import stage_inputs
 
@@ -125,20 +126,6 @@ def test_ops_beyond_the_width_limit_say_so_or_fall_back():
 # compile-only: the shared-memory bounds hold for the kernels as compiled for sm_90
 # ---------------------------------------------------------------------------------------------
 
-def _nvidia_reason():
-    try:
-        import triton
-        from triton.backends import backends
-        if "nvidia" not in backends:
-            return "this Triton install has no NVIDIA backend"
-        ptxas = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "ptxas")
-        if not os.path.exists(ptxas) and not os.environ.get("TRITON_PTXAS_PATH"):
-            return "Triton's bundled ptxas is missing"
-    except Exception as exc:  # depends on the install
-        return f"cannot use Triton's compiler: {exc}"
-    return None
-
-
 #: ("x", C, H, dtype) cross-attentions and ("s", C0, C1, H0, H1, dtype) stages, small to compile
 #: and spread over the bounds' terms: wide tokens, many heads, wide heads, every dtype
 BOUND_CASES = [("x", 448, 7, "bfloat16"), ("x", 256, 64, "bfloat16"), ("x", 128, 1, "float32"),
@@ -186,7 +173,7 @@ print('RESULT' + json.dumps(out))
 """
 
 
-@pytest.mark.skipif(_nvidia_reason() is not None, reason=str(_nvidia_reason()))
+@pytest.mark.skipif(nvidia_compiler_reason() is not None, reason=str(nvidia_compiler_reason()))
 def test_shared_memory_bounds_hold_for_sm90(triton_backend):
     """Every launch of each case, captured from the launchers and compiled for sm_90 with the
     bundled Triton, takes no more shared memory than the bound the backend's limits use for its

@@ -20,7 +20,8 @@ import sys
 import pytest
 import torch
 
-from helpers import (GRAD_FACTOR, HAS_GPU, HAS_TRITON, TOL, assert_close, assert_within_ref_error, compile_env,
+from helpers import nvidia_compiler_reason
+from helpers import (GRAD_FACTOR, HAS_GPU, TOL, assert_close, assert_within_ref_error, compile_env,
                      requires_gpu, requires_triton, triton_installs)
 
 DEVICE = "cuda" if HAS_GPU else "cpu"
@@ -364,19 +365,7 @@ def _compile_check(arch: int = 90) -> None:
     print("COMPILE-CHECK-OK", flush=True)
 
 
-def _nvidia_backend_reason():
-    if not HAS_TRITON:
-        return "triton is not installed"
-    try:
-        from triton.backends import backends
-    except Exception as exc:  # pragma: no cover
-        return f"cannot list Triton backends: {exc}"
-    if "nvidia" not in backends:
-        return "Triton has no NVIDIA backend in this install"
-    return None
-
-
-@pytest.mark.skipif(_nvidia_backend_reason() is not None, reason=str(_nvidia_backend_reason()))
+@pytest.mark.skipif(nvidia_compiler_reason() is not None, reason=str(nvidia_compiler_reason()))
 @pytest.mark.skipif(HAS_GPU, reason="on a GPU the other tests compile and run the kernels for the real device")
 @pytest.mark.parametrize("install", triton_installs(), ids=lambda t: t[0])
 def test_compiles_for_nvidia_sm90(install):

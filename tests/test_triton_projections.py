@@ -16,6 +16,7 @@ import sys
 import pytest
 import torch
 
+from helpers import nvidia_compiler_reason
 from helpers import (FACTOR, HAS_GPU, assert_close, assert_within_ref_error, compile_env, cross_attention_inputs,
                      poison_, requires_triton, run_cross_attention, triton_installs, upcast)
 
@@ -157,15 +158,7 @@ COMPILE_SPECS = [(which, dtype, C, H)
                                      ("float16", 96, 3))]
 
 
-def _nvidia_reason():
-    try:
-        from triton.backends import backends
-        return None if "nvidia" in backends else "this Triton install has no NVIDIA backend"
-    except Exception as exc:
-        return f"cannot use Triton's compiler: {exc}"
-
-
-@pytest.mark.skipif(_nvidia_reason() is not None, reason=str(_nvidia_reason()))
+@pytest.mark.skipif(nvidia_compiler_reason() is not None, reason=str(nvidia_compiler_reason()))
 @pytest.mark.parametrize("install", triton_installs(), ids=lambda t: t[0])
 def test_projection_kernels_compile_for_sm90(install):
     code = ("import json, sys\n"
