@@ -92,6 +92,18 @@ def _load_heads(ptr, b, H, C, offs_h, offs_c, hc_mask, MMA: tl.constexpr, ACC: t
 
 
 @triton.jit
+def _hi_or_lo(v, part, MMA: tl.constexpr, ACC: tl.constexpr, HILO: tl.constexpr):
+    """Row r of the float operand v as its part[r]: 0, v rounded to MMA (hi); 1, the rounding's
+    remainder (lo) with HILO, else zero."""
+    hi = v.to(MMA)
+    if HILO:
+        lo = (v - hi.to(ACC)).to(MMA)
+    else:
+        lo = tl.zeros_like(hi)
+    return tl.where((part == 0)[:, None], hi, lo)
+
+
+@triton.jit
 def _load_operand(ptr0, ptr1, b, H, C, offs_c, cmask, H_PAD: tl.constexpr, WHICH: tl.constexpr,
                   MMA: tl.constexpr, ACC: tl.constexpr, HILO: tl.constexpr):
     """The (B, H, C) operands ptr0 (and ptr1, when WHICH == 2) of row b stacked as one
@@ -109,12 +121,7 @@ def _load_operand(ptr0, ptr1, b, H, C, offs_c, cmask, H_PAD: tl.constexpr, WHICH
         v = tl.load(tl.where((k == 0)[:, None], ptr0 + offs, ptr1 + offs), mask=mask, other=0.0).to(ACC)
     else:
         v = tl.load(ptr0 + offs, mask=mask, other=0.0).to(ACC)
-    hi = v.to(MMA)
-    if HILO:
-        lo = (v - hi.to(ACC)).to(MMA)
-    else:
-        lo = tl.zeros_like(hi)
-    return tl.where((part == 0)[:, None], hi, lo)
+    return _hi_or_lo(v, part, MMA, ACC, HILO)
 
 
 @triton.jit
@@ -355,12 +362,7 @@ def _load_operand_cols(w_ptr, dz_ptr, b, H, C, offs_cc, ccmask, jhead, jk, offs_
     mask = (jhead < H)[:, None] & ccmask[None, :]
     offs = (b * H + jhead[:, None]) * C + offs_cc[None, :]
     v = tl.load(tl.where((jk == 0)[:, None], w_ptr + offs, dz_ptr + offs), mask=mask, other=0.0).to(ACC)
-    hi = v.to(MMA)
-    if HILO:
-        lo = (v - hi.to(ACC)).to(MMA)
-    else:
-        lo = tl.zeros_like(hi)
-    return tl.where((jpart == 0)[:, None], hi, lo)
+    return _hi_or_lo(v, jpart, MMA, ACC, HILO)
 
 
 # ---------------------------------------------------------------------------------------------
