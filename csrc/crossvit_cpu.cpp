@@ -37,6 +37,7 @@
 #include <chrono>
 #include <cmath>
 #include <cstring>
+#include <ctime>
 #include <limits>
 #include <optional>
 #include <tuple>
@@ -61,6 +62,7 @@ using at::Tensor;
 // ------------------------------------------------------------------------------------------------
 constexpr int64_t V = 8;
 typedef float vf __attribute__((vector_size(32)));
+typedef int vi __attribute__((vector_size(32)));  // shuffle masks
 
 CVK_INLINE vf vload(const float* p) {
   vf v;
@@ -78,8 +80,29 @@ CVK_INLINE vf vset(float x) {
   return vf{x, x, x, x, x, x, x, x};
 #endif
 }
+// The sum of the lanes, in the order of hsum8 (below): a dot product reduced by either is bitwise
+// the same (the backward's dz_h . xh of a token and its dz_h . z_h rely on it).
 CVK_INLINE float hsum(vf v) {
-  return ((v[0] + v[4]) + (v[1] + v[5])) + ((v[2] + v[6]) + (v[3] + v[7]));
+  return ((v[0] + v[1]) + (v[2] + v[3])) + ((v[4] + v[5]) + (v[6] + v[7]));
+}
+#if defined(__clang__)
+#define CVK_SHUFFLE(a, b, ...) __builtin_shufflevector(a, b, __VA_ARGS__)
+#else
+#define CVK_SHUFFLE(a, b, ...) __builtin_shuffle(a, b, vi{__VA_ARGS__})
+#endif
+// Lane k of the result is hsum(v_k): eight horizontal sums at once, by three rounds of pairwise
+// shuffles and adds (7 vector adds instead of 56 scalar ones and their lane extracts).
+CVK_INLINE vf hsum8(vf v0, vf v1, vf v2, vf v3, vf v4, vf v5, vf v6, vf v7) {
+  // pairs of lanes: t01 = [v0 01, v1 01, v0 23, v1 23, v0 45, v1 45, v0 67, v1 67]
+  const vf t01 = CVK_SHUFFLE(v0, v1, 0, 8, 2, 10, 4, 12, 6, 14) + CVK_SHUFFLE(v0, v1, 1, 9, 3, 11, 5, 13, 7, 15);
+  const vf t23 = CVK_SHUFFLE(v2, v3, 0, 8, 2, 10, 4, 12, 6, 14) + CVK_SHUFFLE(v2, v3, 1, 9, 3, 11, 5, 13, 7, 15);
+  const vf t45 = CVK_SHUFFLE(v4, v5, 0, 8, 2, 10, 4, 12, 6, 14) + CVK_SHUFFLE(v4, v5, 1, 9, 3, 11, 5, 13, 7, 15);
+  const vf t67 = CVK_SHUFFLE(v6, v7, 0, 8, 2, 10, 4, 12, 6, 14) + CVK_SHUFFLE(v6, v7, 1, 9, 3, 11, 5, 13, 7, 15);
+  // quads: u0 = [v0 0-3, v1 0-3, v2 0-3, v3 0-3, v0 4-7, v1 4-7, v2 4-7, v3 4-7]
+  const vf u0 = CVK_SHUFFLE(t01, t23, 0, 1, 8, 9, 4, 5, 12, 13) + CVK_SHUFFLE(t01, t23, 2, 3, 10, 11, 6, 7, 14, 15);
+  const vf u1 = CVK_SHUFFLE(t45, t67, 0, 1, 8, 9, 4, 5, 12, 13) + CVK_SHUFFLE(t45, t67, 2, 3, 10, 11, 6, 7, 14, 15);
+  // halves
+  return CVK_SHUFFLE(u0, u1, 0, 1, 2, 3, 8, 9, 10, 11) + CVK_SHUFFLE(u0, u1, 4, 5, 6, 7, 12, 13, 14, 15);
 }
 
 constexpr int64_t kTile = 8;          // tokens per tile
@@ -137,11 +160,12 @@ CVK_HOT float ln_center_row(const float* row, int64_t C, int64_t Cp, float eps, 
   return 1.f / std::sqrt(var + eps);
 }
 
-// Scores of two tokens (x0, x1) against NH heads: 2 * NH independent accumulation chains.
+// Scores of two tokens (x0, x1) against NH <= 4 heads: 2 * NH independent accumulation chains;
+// r[k] = w_k . x0 and r[4 + k] = w_k . x1 (lanes of unused heads are 0).
 template <int NH>
-CVK_INLINE void scores_group(const float* x0, const float* x1, const float* w, int64_t Cp, float* r0, float* r1) {
-  vf a[NH], b[NH];
-  for (int k = 0; k < NH; ++k) a[k] = b[k] = vset(0.f);
+CVK_INLINE vf scores_group(const float* x0, const float* x1, const float* w, int64_t Cp) {
+  vf a[4], b[4];
+  for (int k = 0; k < 4; ++k) a[k] = b[k] = vset(0.f);
   for (int64_t c = 0; c < Cp; c += V) {
     const vf p = vload(x0 + c), q = vload(x1 + c);
     for (int k = 0; k < NH; ++k) {
@@ -150,30 +174,27 @@ CVK_INLINE void scores_group(const float* x0, const float* x1, const float* w, i
       b[k] += q * v;
     }
   }
-  for (int k = 0; k < NH; ++k) {
-    r0[k] = hsum(a[k]);
-    r1[k] = hsum(b[k]);
-  }
+  return hsum8(a[0], a[1], a[2], a[3], b[0], b[1], b[2], b[3]);
 }
 
 // s[t*H + h] = w_h . xh_t for t < nt (pairs of tokens x groups of up to four heads).
 CVK_HOT void tile_scores(const float* xh, int64_t nt, int64_t Cp, const float* w, int64_t H, float* s) {
-  float r0[4], r1[4];
   for (int64_t t = 0; t < nt; t += 2) {
     const float* x0 = xh + t * Cp;
     const float* x1 = (t + 1 < nt) ? x0 + Cp : x0;
     for (int64_t h = 0; h < H; h += 4) {
       const int64_t nh = std::min<int64_t>(4, H - h);
       const float* wh = w + h * Cp;
+      vf r;
       switch (nh) {
-        case 4: scores_group<4>(x0, x1, wh, Cp, r0, r1); break;
-        case 3: scores_group<3>(x0, x1, wh, Cp, r0, r1); break;
-        case 2: scores_group<2>(x0, x1, wh, Cp, r0, r1); break;
-        default: scores_group<1>(x0, x1, wh, Cp, r0, r1); break;
+        case 4: r = scores_group<4>(x0, x1, wh, Cp); break;
+        case 3: r = scores_group<3>(x0, x1, wh, Cp); break;
+        case 2: r = scores_group<2>(x0, x1, wh, Cp); break;
+        default: r = scores_group<1>(x0, x1, wh, Cp); break;
       }
       for (int64_t k = 0; k < nh; ++k) {
-        s[t * H + h + k] = r0[k];
-        if (t + 1 < nt) s[(t + 1) * H + h + k] = r1[k];
+        s[t * H + h + k] = r[k];
+        if (t + 1 < nt) s[(t + 1) * H + h + k] = r[4 + k];
       }
     }
   }
@@ -198,18 +219,19 @@ CVK_HOT void tile_scores2(const float* xh, int64_t nt, int64_t Cp, const float* 
         s00 += p * v0; s01 += p * v1; s10 += q * v0; s11 += q * v1;
         e00 += p * g0; e01 += p * g1; e10 += q * g0; e11 += q * g1;
       }
-      s[t * H + h] = hsum(s00);
-      e[t * H + h] = hsum(e00);
+      const vf r = hsum8(s00, s01, s10, s11, e00, e01, e10, e11);
+      s[t * H + h] = r[0];
+      e[t * H + h] = r[4];
       if (h + 1 < H) {
-        s[t * H + h + 1] = hsum(s01);
-        e[t * H + h + 1] = hsum(e01);
+        s[t * H + h + 1] = r[1];
+        e[t * H + h + 1] = r[5];
       }
       if (t + 1 < nt) {
-        s[(t + 1) * H + h] = hsum(s10);
-        e[(t + 1) * H + h] = hsum(e10);
+        s[(t + 1) * H + h] = r[2];
+        e[(t + 1) * H + h] = r[6];
         if (h + 1 < H) {
-          s[(t + 1) * H + h + 1] = hsum(s11);
-          e[(t + 1) * H + h + 1] = hsum(e11);
+          s[(t + 1) * H + h + 1] = r[3];
+          e[(t + 1) * H + h + 1] = r[7];
         }
       }
     }
@@ -458,23 +480,40 @@ struct KernelThreads {
 std::atomic<int64_t> g_serial_until_ns{0};
 constexpr int64_t kSerialBackoffNs = 1'000'000'000;  // how long the machine counts as busy after a costly region
 constexpr int64_t kMinWaitNs = 500'000;            // waits below this are never taken for contention
+constexpr double kMinRunShare = 0.6;                // threads that ran less than this share of a region were starved
 
 int64_t now_ns() {
   return std::chrono::duration_cast<std::chrono::nanoseconds>(std::chrono::steady_clock::now().time_since_epoch())
       .count();
 }
 
-// Whether a kernel's region recently cost more waiting than work (see for_each_thread).
+// CPU time of the calling thread in ns; -1 where there is no such clock (the starvation test is
+// then off).
+int64_t thread_cpu_ns() {
+#if defined(CLOCK_THREAD_CPUTIME_ID)
+  timespec ts;
+  if (clock_gettime(CLOCK_THREAD_CPUTIME_ID, &ts) == 0) return static_cast<int64_t>(ts.tv_sec) * 1'000'000'000 + ts.tv_nsec;
+#endif
+  return -1;
+}
+
+// Whether a kernel's region recently showed other processes on its cores (see for_each_thread).
 bool machine_busy() { return now_ns() < g_serial_until_ns.load(std::memory_order_relaxed); }
 
 // Runs fn once on each thread of ATen's pool: the kernel's one parallel region. The work items are
 // handed out dynamically (an atomic counter) so a thread that the OS descheduled on a busy machine
 // does not hold the others back; which thread runs an item never changes its result, and items are
 // combined in order. The region still ends when its last thread is done: on an idle machine the
-// threads finish within about an item of each other. When the first one to finish waited for the
-// last longer than half the region (two threads can at best halve the time, so the region cost
-// more than it saved), the machine counts as busy for the next kSerialBackoffNs: the kernels run
-// fn on the calling thread alone, and the serial sections take effect.
+// threads start within microseconds and finish within about an item of each other. The machine
+// counts as busy for the next kSerialBackoffNs (the kernels run fn on the calling thread alone,
+// and the serial sections take effect) when the region shows either sign of other processes on
+// its cores:
+//   - a straggler: the first thread to finish waited for the last longer than half the region (two
+//     threads can at best halve the time, so the region cost more than it saved);
+//   - starvation: between the region's start and their finish, its threads ran (CPU time) less
+//     than kMinRunShare of the time: they waited for a core, to wake up or to go on. A thread that
+//     wakes only after the others took every item finishes with them, so no straggler shows, but
+//     the region ran on one thread and paid for the wake-up of the other.
 template <typename F>
 void for_each_thread(const F& fn) {
   const int64_t n = at::in_parallel_region() ? 1 : tl_serial_on ? tl_kernel_threads : at::get_num_threads();
@@ -484,18 +523,24 @@ void for_each_thread(const F& fn) {
   }
   const KernelThreads threads;
   const int64_t t0 = now_ns();
-  std::atomic<int64_t> first_done{std::numeric_limits<int64_t>::max()}, last_done{0};
+  std::atomic<int64_t> first_done{std::numeric_limits<int64_t>::max()}, last_done{0}, ran{0}, present{0};
   at::parallel_for(0, n, 1, [&](int64_t begin, int64_t end) {
+    const int64_t c0 = thread_cpu_ns();
     for (int64_t t = begin; t < end; ++t) fn();
-    const int64_t done = now_ns();
+    const int64_t done = now_ns(), c1 = thread_cpu_ns();
+    if (c0 >= 0 && c1 >= 0) {
+      ran += c1 - c0;
+      present += done - t0;
+    }
     for (int64_t v = first_done.load(); done < v && !first_done.compare_exchange_weak(v, done);) {
     }
     for (int64_t v = last_done.load(); done > v && !last_done.compare_exchange_weak(v, done);) {
     }
   });
   const int64_t waited = last_done.load() - first_done.load(), took = now_ns() - t0;
-  if (waited > std::max(kMinWaitNs, took / 2))
-    g_serial_until_ns.store(now_ns() + kSerialBackoffNs, std::memory_order_relaxed);
+  const bool straggler = waited > std::max(kMinWaitNs, took / 2);
+  const bool starved = took > kMinWaitNs && ran.load() < kMinRunShare * static_cast<double>(present.load());
+  if (straggler || starved) g_serial_until_ns.store(now_ns() + kSerialBackoffNs, std::memory_order_relaxed);
 }
 
 // Number of token splits per batch row: a function of the shapes only (never of the thread count).
