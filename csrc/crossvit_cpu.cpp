@@ -803,16 +803,62 @@ std::tuple<Tensor, Tensor, Tensor> cross_attention_core_backward(const Tensor& x
 // patch embedding
 // ------------------------------------------------------------------------------------------------
 
+// Work items are parts of the batch's B * gh rows of the patch grid (row r is grid row r % gh of
+// image r / gh): with n parts, part i holds the rows [i * B*gh / n, (i + 1) * B*gh / n), in runs
+// of one image each; a part may start and end inside an image (whole images split CrossViT-B's 5
+// over 2 threads 3/2). n depends on the shapes only, never on the thread count, so no result does;
+// it is a power of two, so that the parts, equal to a grid row, split evenly over 2, 4 or 8
+// threads. With one part, the kernel runs on the calling thread and its GEMMs use the threads.
+//
+// Forward: a part gathers its patches into one buffer and multiplies them in one GEMM, as a
+// single-threaded GEMM gets faster with its rows (at C = K = 768 on the development machine: 68
+// GMAC/s for 98 rows, 74 for 196, 79 for 490): the fewest parts of at most kPartPatches patches.
+constexpr int64_t kPartPatches = 768;
 
-// patches[p, (ci, ky, kx)] = img[ci, gy*ph + ky, gx*pw + kx] for one image (any strides), in A.
+int64_t forward_parts(const PShape& p) {
+  int64_t n = 1;
+  while ((p.B * p.gh + n - 1) / n * p.gw > kPartPatches && 2 * n <= p.B * p.gh) n *= 2;
+  return n;
+}
+
+// Backward: a part is a weight-gradient partial, up to kPartials. The thread that finishes last
+// adds the n - 1 partials of C x K alone, so each partial after the first needs more than
+// kPartPatches patches of work: (n - 1) * kPartPatches < B * P (on the development machine, 8
+// partials instead of these 4 made the backward 8-10 % slower at 224 px, 16-px patches, C = 256,
+// B = 16 and C = 192, B = 22). One part, as in the forward, means at most kPartPatches patches.
+constexpr int64_t kPartials = 8;
+
+int64_t backward_parts(const PShape& p) {
+  int64_t n = 1;
+  while (2 * n <= kPartials && 2 * n <= p.B * p.gh && (2 * n - 1) * kPartPatches < p.B * p.P) n *= 2;
+  return n;
+}
+
+// Calls fn(b, gy0, gy1, row) for the runs of part i of n in order: image b's grid rows [gy0, gy1),
+// from patch row `row` of the part.
+template <typename F>
+void for_each_run(const PShape& p, int64_t n, int64_t i, const F& fn) {
+  const int64_t begin = i * p.B * p.gh / n, end = (i + 1) * p.B * p.gh / n;
+  for (int64_t r = begin; r < end;) {
+    const int64_t b = r / p.gh, gy0 = r % p.gh, gy1 = std::min(p.gh, gy0 + end - r);
+    fn(b, gy0, gy1, (r - begin) * p.gw);
+    r += gy1 - gy0;
+  }
+}
+
+// The most patches of a part: ceil(B*gh / n) grid rows; of a run, at most gh of them.
+int64_t max_part_patches(const PShape& p, int64_t n) { return (p.B * p.gh + n - 1) / n * p.gw; }
+
+// patches[(gy - gy0) * gw + gx, (ci, ky, kx)] = img[ci, gy*ph + ky, gx*pw + kx] for the grid rows
+// gy0 <= gy < gy1 of one image (any strides), in A.
 template <typename T, typename A>
-void gather_patches_range(const T* img, const int64_t* st, const PShape& p, A* out, int64_t begin, int64_t end) {
-  for (int64_t r = begin; r < end; ++r) {
+void gather_patches_range(const T* img, const int64_t* st, const PShape& p, int64_t gy0, int64_t gy1, A* out) {
+  for (int64_t r = gy0 * p.Cin; r < gy1 * p.Cin; ++r) {
     const int64_t gy = r / p.Cin, ci = r % p.Cin;
     for (int64_t ky = 0; ky < p.ph; ++ky) {
       const T* src = img + ci * st[0] + (gy * p.ph + ky) * st[1];
       for (int64_t gx = 0; gx < p.gw; ++gx) {
-        A* dst = out + (gy * p.gw + gx) * p.K + (ci * p.ph + ky) * p.pw;
+        A* dst = out + ((gy - gy0) * p.gw + gx) * p.K + (ci * p.ph + ky) * p.pw;
         const T* s0 = src + gx * p.pw * st[2];
         if (st[2] == 1) {
           for (int64_t kx = 0; kx < p.pw; ++kx) dst[kx] = static_cast<A>(s0[kx]);
@@ -824,83 +870,72 @@ void gather_patches_range(const T* img, const int64_t* st, const PShape& p, A* o
   }
 }
 
-// patches[p, (ci, ky, kx)] = img[ci, gy*ph + ky, gx*pw + kx] for one image (any strides), in A.
+// The inverse: img[ci, gy*ph + ky, gx*pw + kx] = patches[(gy - gy0) * gw + gx, (ci, ky, kx)] for the
+// grid rows gy0 <= gy < gy1 of one image (img contiguous).
 template <typename T, typename A>
-void gather_patches(const T* img, const int64_t* st, const PShape& p, A* out, bool parallel = true) {
-  if (!parallel) {
-    gather_patches_range<T, A>(img, st, p, out, 0, p.gh * p.Cin);
-    return;
-  }
-  at::parallel_for(0, p.gh * p.Cin, 1, [&](int64_t begin, int64_t end) {
-    gather_patches_range<T, A>(img, st, p, out, begin, end);
-  });
-}
-
-// The inverse: img[ci, gy*ph + ky, gx*pw + kx] = patches[p, (ci, ky, kx)] (img contiguous).
-template <typename T, typename A>
-void scatter_patches(const A* patches, const PShape& p, T* img) {
-  for (int64_t r = 0; r < p.gh * p.Cin; ++r) {
+void scatter_patches_range(const A* patches, const PShape& p, int64_t gy0, int64_t gy1, T* img) {
+  for (int64_t r = gy0 * p.Cin; r < gy1 * p.Cin; ++r) {
     const int64_t gy = r / p.Cin, ci = r % p.Cin;
     for (int64_t ky = 0; ky < p.ph; ++ky) {
       T* dst = img + (ci * p.Hi + gy * p.ph + ky) * p.Wi;
       for (int64_t gx = 0; gx < p.gw; ++gx) {
-        const A* src = patches + (gy * p.gw + gx) * p.K + (ci * p.ph + ky) * p.pw;
+        const A* src = patches + ((gy - gy0) * p.gw + gx) * p.K + (ci * p.ph + ky) * p.pw;
         for (int64_t kx = 0; kx < p.pw; ++kx) dst[gx * p.pw + kx] = static_cast<T>(src[kx]);
       }
     }
   }
 }
 
-// One image: gather its patches (in L2), then rows = (bias + pos[1:]) + patches @ W^T written
-// straight into the output behind the CLS row, which is written too.
-template <typename T, typename A>
-void patch_embed_one(const Tensor& images, const Tensor& wt, const Tensor& posb, const Tensor& cls_row,
-                     const PShape& p, Tensor& out, int64_t b, Tensor& patches, Tensor& tmp, bool inner_parallel) {
-  const int64_t st[3] = {images.stride(1), images.stride(2), images.stride(3)};
-  gather_patches<T, A>(images.data_ptr<T>() + b * images.stride(0), st, p, patches.data_ptr<A>(), inner_parallel);
-  Tensor ob = out.select(0, b);
-  if (std::is_same_v<T, A>) {
-    Tensor rows = ob.narrow(0, 1, p.P);
-    at::addmm_out(rows, posb, patches, wt);
-  } else {
-    at::addmm_out(tmp, posb, patches, wt);
-    ob.narrow(0, 1, p.P).copy_(tmp);
-  }
-  ob.select(0, 0).copy_(cls_row);
-}
-
-// Runs fn on each thread of the kernel's one parallel region (for_each_thread) with the caller's
-// grad and inference modes: worker threads inherit neither, and writing into an inference-mode
-// tensor from a worker outside inference mode fails.
+// Runs fn with the caller's grad and inference modes on each thread of the kernel's one parallel
+// region (for_each_thread): worker threads inherit neither, and writing into an inference-mode
+// tensor from a worker outside inference mode fails. With one part, fn runs on the calling thread
+// alone, and its GEMMs may use the threads themselves.
 template <typename F>
-void for_each_thread_in_caller_modes(const F& fn) {
+void for_each_thread_in_caller_modes(int64_t parts, const F& fn) {
   const bool inference = c10::InferenceMode::is_enabled();
-  for_each_thread([&]() {
+  const auto run = [&]() {
     const c10::InferenceMode inference_guard(inference);
     const c10::NoGradGuard no_grad;
     fn();
-  });
+  };
+  if (parts == 1) {
+    run();
+  } else {
+    for_each_thread(run);
+  }
 }
 
 template <typename T, typename A>
 void patch_embed_forward_impl(const Tensor& images, const Tensor& wt, const Tensor& posb, const Tensor& cls_row,
                               const PShape& p, Tensor& out) {
+  const T* img = images.data_ptr<T>();
+  const int64_t st[3] = {images.stride(1), images.stride(2), images.stride(3)};
   const auto aopt = images.options().dtype(acc_type(images.scalar_type()));
-  const bool direct = std::is_same_v<T, A>;
-  if (p.B > 1) {
-    // whole images, handed out one at a time, each GEMM single-threaded on its own image
-    std::atomic<int64_t> next_image{0};
-    for_each_thread_in_caller_modes([&]() {
-      Tensor patches = at::empty({p.P, p.K}, aopt);
-      Tensor tmp = direct ? Tensor() : at::empty({p.P, p.C}, aopt);
-      for (int64_t b = next_image++; b < p.B; b = next_image++)
-        patch_embed_one<T, A>(images, wt, posb, cls_row, p, out, b, patches, tmp, false);
-    });
-  } else {
-    Tensor patches = at::empty({p.P, p.K}, aopt);
-    Tensor tmp = direct ? Tensor() : at::empty({p.P, p.C}, aopt);
-    for (int64_t b = 0; b < p.B; ++b) patch_embed_one<T, A>(images, wt, posb, cls_row, p, out, b, patches, tmp, true);
-  }
+  const int64_t n = forward_parts(p), rows = max_part_patches(p, n);
+  // Parts handed out one at a time. A part gathers its patches, multiplies them by W^T, then
+  // writes each run's rows + (bias + pos[1 + p]) (added in A, rounded once to T) into the output
+  // behind its image's CLS row; an image's first run writes the CLS row too.
+  std::atomic<int64_t> next{0};
+  for_each_thread_in_caller_modes(n, [&]() {
+    Tensor patches = at::empty({rows, p.K}, aopt);
+    Tensor prod = at::empty({rows, p.C}, aopt);
+    for (int64_t i = next++; i < n; i = next++) {
+      int64_t m = 0;
+      for_each_run(p, n, i, [&](int64_t b, int64_t gy0, int64_t gy1, int64_t row) {
+        gather_patches_range<T, A>(img + b * images.stride(0), st, p, gy0, gy1, patches.data_ptr<A>() + row * p.K);
+        m = row + (gy1 - gy0) * p.gw;
+      });
+      Tensor pr = prod.narrow(0, 0, m);
+      at::mm_out(pr, patches.narrow(0, 0, m), wt);
+      for_each_run(p, n, i, [&](int64_t b, int64_t gy0, int64_t gy1, int64_t row) {
+        const int64_t p0 = gy0 * p.gw, k = (gy1 - gy0) * p.gw;
+        Tensor ob = out.select(0, b);
+        Tensor rows_out = ob.narrow(0, 1 + p0, k);
+        at::add_out(rows_out, pr.narrow(0, row, k), posb.narrow(0, p0, k));
+        if (gy0 == 0) ob.select(0, 0).copy_(cls_row);
+      });
+    }
+  });
 }
 
 Tensor patch_embed_forward(const Tensor& images, const Tensor& weight, const std::optional<Tensor>& bias_opt,
@@ -927,49 +962,45 @@ Tensor patch_embed_forward(const Tensor& images, const Tensor& weight, const std
   return out;
 }
 
-// Images per weight-gradient partial of the backward (fixed: the result does not depend on the
-// thread count) is ceil(B / kImageChunks).
-constexpr int64_t kImageChunks = 8;
-
 template <typename T, typename A>
 void patch_embed_backward_impl(const Tensor& g, const Tensor& images, const Tensor& wmat, const PShape& p,
                                bool needs_images_grad, Tensor& dW, Tensor& d_images) {
   const T* img = images.data_ptr<T>();
   const int64_t st[3] = {images.stride(1), images.stride(2), images.stride(3)};
   const auto aopt = images.options().dtype(acc_type(images.scalar_type()));
-  // One parallel region over chunks of images: chunk c sums g_b^T @ patches_b of its images, in
-  // order, into its own partial; the thread that finishes the last chunk adds the partials in
-  // chunk order.
-  const int64_t per = (p.B + kImageChunks - 1) / kImageChunks;
-  const int64_t nch = (p.B + per - 1) / per;
-  Tensor partial = at::zeros({nch, p.C, p.K}, aopt);
-  std::atomic<int64_t> next_chunk{0}, chunks_done{0};
-  const auto work = [&]() {
-    Tensor patches = at::empty({p.P, p.K}, aopt);
-    Tensor dpatch = needs_images_grad ? at::empty({p.P, p.K}, aopt) : Tensor();
-    for (int64_t c = next_chunk++; c < nch; c = next_chunk++) {
-      Tensor dWc = partial.select(0, c);
-      for (int64_t b = c * per; b < std::min(p.B, (c + 1) * per); ++b) {
-        Tensor gb = g.select(0, b).narrow(0, 1, p.P);  // (P, C)
+  const int64_t n = backward_parts(p), rows = std::min(p.P, max_part_patches(p, n));
+  // Parts handed out one at a time. Part i sums g_run^T @ patches_run over its runs, in order,
+  // into its own partial (part 0 into dW), and writes the runs' image gradients (g_run @ W
+  // scattered back); the thread that finishes the last part adds the partials to dW in part order.
+  Tensor partial = at::empty({n - 1, p.C, p.K}, aopt);
+  std::atomic<int64_t> next{0}, done{0};
+  for_each_thread_in_caller_modes(n, [&]() {
+    Tensor patches = at::empty({rows, p.K}, aopt);
+    Tensor dpatch = needs_images_grad ? at::empty({rows, p.K}, aopt) : Tensor();
+    for (int64_t i = next++; i < n; i = next++) {
+      Tensor dWi = i == 0 ? dW : partial.select(0, i - 1);
+      for_each_run(p, n, i, [&](int64_t b, int64_t gy0, int64_t gy1, int64_t row) {
+        const int64_t m = (gy1 - gy0) * p.gw;
+        Tensor gb = g.select(0, b).narrow(0, 1 + gy0 * p.gw, m);  // (m, C)
         if (gb.scalar_type() != patches.scalar_type()) gb = gb.to(patches.scalar_type());
-        gather_patches<T, A>(img + b * images.stride(0), st, p, patches.data_ptr<A>(), false);
-        dWc.addmm_(gb.t(), patches);
-        if (needs_images_grad) {
-          at::mm_out(dpatch, gb, wmat);
-          scatter_patches<T, A>(dpatch.data_ptr<A>(), p, d_images.data_ptr<T>() + b * p.Cin * p.Hi * p.Wi);
+        Tensor pt = patches.narrow(0, 0, m);
+        gather_patches_range<T, A>(img + b * images.stride(0), st, p, gy0, gy1, pt.data_ptr<A>());
+        if (row == 0) {
+          at::mm_out(dWi, gb.t(), pt);
+        } else {
+          dWi.addmm_(gb.t(), pt);
         }
-      }
-      if (chunks_done.fetch_add(1, std::memory_order_acq_rel) == nch - 1) {
-        dW.copy_(partial.select(0, 0));
-        for (int64_t k = 1; k < nch; ++k) dW.add_(partial.select(0, k));
+        if (needs_images_grad) {
+          Tensor dp = dpatch.narrow(0, 0, m);
+          at::mm_out(dp, gb, wmat);
+          scatter_patches_range<T, A>(dp.data_ptr<A>(), p, gy0, gy1, d_images.data_ptr<T>() + b * p.Cin * p.Hi * p.Wi);
+        }
+      });
+      if (done.fetch_add(1, std::memory_order_acq_rel) == n - 1) {
+        for (int64_t k = 0; k < n - 1; ++k) dW.add_(partial.select(0, k));
       }
     }
-  };
-  if (nch > 1) {
-    for_each_thread_in_caller_modes(work);
-  } else {
-    work();  // one image: its GEMMs may use the threads themselves
-  }
+  });
 }
 
 std::tuple<std::optional<Tensor>, Tensor, std::optional<Tensor>, Tensor, Tensor> patch_embed_backward(

@@ -300,6 +300,53 @@ def test_patch_embed_without_image_grad_and_strided_images():
             torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-5)
 
 
+PATCH_SPLIT_SHAPES = [  # (B, Cin, H, W, C, ph, pw): 5 x 7 patches of 2 x 3 px, non-square images
+    (3, 3, 10, 21, 16, 2, 3),    # 105 patches: the batch is one part, its GEMMs on the threads
+    (23, 3, 10, 21, 16, 2, 3),   # 805 patches: 2 parts of 57 and 58 grid rows, the first ending inside an image
+    (181, 2, 10, 21, 8, 2, 3),   # 6335 patches: 16 forward parts; 8 weight-gradient partials of 23-24 runs
+]
+
+
+def _strided_images(images):
+    """The same values in channels-last storage with every other column skipped (no stride is 1)."""
+    B, Cin, H, W = images.shape
+    out = torch.empty(B, H, 2 * W, Cin, dtype=images.dtype)[:, :, ::2].permute(0, 3, 1, 2)
+    return out.copy_(images.detach()).requires_grad_(images.requires_grad)
+
+
+@requires_cpp
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["float32", "bfloat16"])
+@pytest.mark.parametrize("shape", PATCH_SPLIT_SHAPES, ids=lambda s: f"B{s[0]}")
+def test_patch_embed_split_into_parts(shape, dtype):
+    """The kernels' work split (parts of the batch's patch-grid rows, which may start and end inside
+    an image): forward and every gradient, the images' included, on strided images against the
+    float64 oracle, and bitwise the same with 1 and 2 threads."""
+    B, Cin, H, W, C, ph, pw = shape
+    inputs = _patch_inputs(*shape, dtype=dtype, bias=True, seed=4)
+    inputs["images"] = _strided_images(inputs["images"])
+    assert inputs["images"].stride(3) != 1
+    grad_out = torch.randn(B, 1 + (H // ph) * (W // pw), C, generator=torch.Generator().manual_seed(9),
+                           dtype=torch.float64)
+    previous = torch.get_num_threads()
+    results = []
+    try:
+        for n in (1, 2):
+            torch.set_num_threads(n)
+            out, grads = _run_patch(inputs, "cpp", grad_out)
+            results.append([out] + list(grads.values()))
+    finally:
+        torch.set_num_threads(previous)
+    for a, b in zip(*results):
+        assert torch.equal(a, b), "results differ between 1 and 2 threads"
+    ref_out, ref_grads = _run_patch(_recast(inputs, dtype), "reference", grad_out)
+    oracle_out, oracle_grads = _run_patch(_recast(inputs, torch.float64), "reference", grad_out)
+    assert_within_ref_error(out, ref_out, oracle_out, dtype, name="out")
+    assert set(grads) == {"images", "weight", "bias", "pos_embed", "cls_token"}
+    for name, g in grads.items():
+        assert g.dtype == dtype and g.shape == inputs[name].shape, name
+        assert_within_ref_error(g, ref_grads[name], oracle_grads[name], dtype, name=f"d{name}", factor=GRAD_FACTOR)
+
+
 @requires_cpp
 @pytest.mark.parametrize("B", [1, 4])  # one image (GEMM threads) and a batch (images across threads)
 def test_ops_under_inference_mode(B):
