@@ -637,6 +637,9 @@ def parse_args(argv=None):
                                                  "and harness.STAGE_KNOBS)")
     p.add_argument("--modes", default="fwd,fwd+bwd", help="fwd, fwd+bwd or both (op sections)")
     p.add_argument("--load", default="none", help=f"background load during the run: {load.KINDS_HELP}")
+    p.add_argument("--min-reps", type=int, default=None,
+                   help="at least this many timed rounds per row of the op sections (default: the device's, 3 "
+                        "on a CPU; a spread under load needs more)")
     p.add_argument("--no-plots", action="store_true")
     p.add_argument("--allow-interpreter", action="store_true",
                    help="on the CPU, also run the Triton variants under TRITON_INTERPRET=1 (very slow; a smoke test "
@@ -653,6 +656,8 @@ def parse_args(argv=None):
         load.parse_kind(args.load)
     except ValueError as exc:
         p.error(str(exc))
+    if args.min_reps is not None and args.min_reps < 1:
+        p.error(f"--min-reps must be at least 1, got {args.min_reps}")
     if args.batches:
         try:
             args.batches = [int(b) for b in args.batches.split(",")]
@@ -687,6 +692,8 @@ def main(argv=None) -> int:
     cfg = make_config(args.quick, device.type)
     if args.batches:
         cfg["batches"] = args.batches
+    if args.min_reps:
+        cfg["timer"].update(min_reps=args.min_reps, max_reps=max(args.min_reps, cfg["timer"]["max_reps"]))
     ctx = Ctx(args, device, cfg)
     env = environment(device)
     tag = device_tag(device)

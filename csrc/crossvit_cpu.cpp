@@ -478,6 +478,14 @@ struct KernelThreads {
 // While the machine is busy the kernels run on the calling thread alone (until this steady-clock
 // time, in ns): shared by all threads, a heuristic only (a kernel's result never depends on it).
 std::atomic<int64_t> g_serial_until_ns{0};
+// Costly regions in a row (a region without either sign resets it). One alone is not taken for a
+// busy machine: a virtual machine's host can hold a vCPU for milliseconds on an otherwise idle
+// machine (on the development machine one or two regions in a run of the benchmark's patch
+// embedding section, each of which made the next second of kernels run on one thread, up to 1.6x
+// slower). After a busy spell the count stays up until a region runs well, so one more costly
+// region starts the next spell.
+std::atomic<int64_t> g_costly_regions{0};
+constexpr int64_t kCostlyRegions = 2;
 constexpr int64_t kSerialBackoffNs = 1'000'000'000;  // how long the machine counts as busy after a costly region
 constexpr int64_t kMinWaitNs = 500'000;            // waits below this are never taken for contention
 constexpr double kMinRunShare = 0.6;                // threads that ran less than this share of a region were starved
@@ -506,8 +514,8 @@ bool machine_busy() { return now_ns() < g_serial_until_ns.load(std::memory_order
 // combined in order. The region still ends when its last thread is done: on an idle machine the
 // threads start within microseconds and finish within about an item of each other. The machine
 // counts as busy for the next kSerialBackoffNs (the kernels run fn on the calling thread alone,
-// and the serial sections take effect) when the region shows either sign of other processes on
-// its cores:
+// and the serial sections take effect) when kCostlyRegions regions in a row show either sign of
+// other processes on their cores:
 //   - a straggler: the first thread to finish waited for the last longer than half the region (two
 //     threads can at best halve the time, so the region cost more than it saved);
 //   - starvation: between the region's start and their finish, its threads ran (CPU time) less
@@ -540,7 +548,11 @@ void for_each_thread(const F& fn) {
   const int64_t waited = last_done.load() - first_done.load(), took = now_ns() - t0;
   const bool straggler = waited > std::max(kMinWaitNs, took / 2);
   const bool starved = took > kMinWaitNs && ran.load() < kMinRunShare * static_cast<double>(present.load());
-  if (straggler || starved) g_serial_until_ns.store(now_ns() + kSerialBackoffNs, std::memory_order_relaxed);
+  if (!straggler && !starved) {
+    g_costly_regions.store(0, std::memory_order_relaxed);
+  } else if (g_costly_regions.fetch_add(1, std::memory_order_relaxed) + 1 >= kCostlyRegions) {
+    g_serial_until_ns.store(now_ns() + kSerialBackoffNs, std::memory_order_relaxed);
+  }
 }
 
 // Number of token splits per batch row: a function of the shapes only (never of the thread count).

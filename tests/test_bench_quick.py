@@ -31,13 +31,17 @@ def _env():
     return env
 
 
+#: --min-reps of the quick run: more than the quick mode's 3 rounds at most
+QUICK_MIN_REPS = 4
+
+
 @pytest.fixture(scope="module")
 def quick_run(tmp_path_factory):
     out = tmp_path_factory.mktemp("bench")
     # one thread: the CI machine may be shared, and OpenMP regions stall when a core is taken
     proc = subprocess.run([sys.executable, os.path.join(BENCH, "run.py"), "--quick", "--device", "cpu",
-                           "--threads", "1", "--out", str(out)], cwd=REPO, env=_env(), capture_output=True, text=True,
-                          timeout=900)
+                           "--threads", "1", "--min-reps", str(QUICK_MIN_REPS), "--out", str(out)], cwd=REPO,
+                          env=_env(), capture_output=True, text=True, timeout=900)
     return proc, out
 
 
@@ -77,6 +81,7 @@ def test_quick_benchmark_writes_compact_results(quick_run):
 
     ca = harness.records(per["cross_attention"]["rows"])
     check_rows("cross_attention", ca, ("impl", "mode", "B", "N", "C", "H"))
+    assert {r["reps"] for r in ca} == {QUICK_MIN_REPS}, "--min-reps sets the op sections' rounds"
     assert {"timm", "reference", "torch", "read", "copy"} <= {r["impl"] for r in ca}
     assert {r["mode"] for r in ca} == {"fwd", "fwd+bwd"}
     # the shapes are the tiny variant's fusion shapes, read off MODEL_CONFIGS
@@ -197,7 +202,7 @@ def test_load_generator_starts_and_ends_its_workers(kind):
             f"worker {p} outlived the load"
 
 
-def test_load_kinds_are_checked():
+def test_load_kinds_and_min_reps_are_checked():
     assert load.parse_kind("none") is None and load.parse_kind("bursty2") == ("bursty", 2)
     for bad in ("busy", "busy0", "heavy1"):
         with pytest.raises(ValueError, match="unknown load"):
@@ -205,6 +210,9 @@ def test_load_kinds_are_checked():
     proc = subprocess.run([sys.executable, os.path.join(BENCH, "run.py"), "--load", "busy"], env=_env(),
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2 and "unknown load" in proc.stderr
+    proc = subprocess.run([sys.executable, os.path.join(BENCH, "run.py"), "--min-reps", "0"], env=_env(),
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2 and "--min-reps must be at least 1" in proc.stderr
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")
