@@ -37,7 +37,6 @@
 #include <chrono>
 #include <cmath>
 #include <cstring>
-#include <ctime>
 #include <limits>
 #include <optional>
 #include <tuple>
@@ -488,21 +487,10 @@ std::atomic<int64_t> g_costly_regions{0};
 constexpr int64_t kCostlyRegions = 2;
 constexpr int64_t kSerialBackoffNs = 1'000'000'000;  // how long the machine counts as busy after a costly region
 constexpr int64_t kMinWaitNs = 500'000;            // waits below this are never taken for contention
-constexpr double kMinRunShare = 0.6;                // threads that ran less than this share of a region were starved
 
 int64_t now_ns() {
   return std::chrono::duration_cast<std::chrono::nanoseconds>(std::chrono::steady_clock::now().time_since_epoch())
       .count();
-}
-
-// CPU time of the calling thread in ns; -1 where there is no such clock (the starvation test is
-// then off).
-int64_t thread_cpu_ns() {
-#if defined(CLOCK_THREAD_CPUTIME_ID)
-  timespec ts;
-  if (clock_gettime(CLOCK_THREAD_CPUTIME_ID, &ts) == 0) return static_cast<int64_t>(ts.tv_sec) * 1'000'000'000 + ts.tv_nsec;
-#endif
-  return -1;
 }
 
 // Whether a kernel's region recently showed other processes on its cores (see for_each_thread).
@@ -518,10 +506,10 @@ bool machine_busy() { return now_ns() < g_serial_until_ns.load(std::memory_order
 // other processes on their cores:
 //   - a straggler: the first thread to finish waited for the last longer than half the region (two
 //     threads can at best halve the time, so the region cost more than it saved);
-//   - starvation: between the region's start and their finish, its threads ran (CPU time) less
-//     than kMinRunShare of the time: they waited for a core, to wake up or to go on. A thread that
-//     wakes only after the others took every item finishes with them, so no straggler shows, but
-//     the region ran on one thread and paid for the wake-up of the other.
+//   - a late start: a thread began only after half the region. It found the items taken and
+//     finished with the others, so no straggler shows, but the region ran on fewer threads and
+//     waited for its wake-up. (Threads that all run, however slowly, while other processes share
+//     their cores show neither sign: there a region with two threads still beats one thread.)
 template <typename F>
 void for_each_thread(const F& fn) {
   const int64_t n = at::in_parallel_region() ? 1 : tl_serial_on ? tl_kernel_threads : at::get_num_threads();
@@ -531,24 +519,23 @@ void for_each_thread(const F& fn) {
   }
   const KernelThreads threads;
   const int64_t t0 = now_ns();
-  std::atomic<int64_t> first_done{std::numeric_limits<int64_t>::max()}, last_done{0}, ran{0}, present{0};
-  at::parallel_for(0, n, 1, [&](int64_t begin, int64_t end) {
-    const int64_t c0 = thread_cpu_ns();
-    for (int64_t t = begin; t < end; ++t) fn();
-    const int64_t done = now_ns(), c1 = thread_cpu_ns();
-    if (c0 >= 0 && c1 >= 0) {
-      ran += c1 - c0;
-      present += done - t0;
+  std::atomic<int64_t> first_done{std::numeric_limits<int64_t>::max()}, last_done{0}, last_start{0};
+  const auto raise_to = [](std::atomic<int64_t>& a, int64_t x) {
+    for (int64_t v = a.load(); x > v && !a.compare_exchange_weak(v, x);) {
     }
+  };
+  at::parallel_for(0, n, 1, [&](int64_t begin, int64_t end) {
+    raise_to(last_start, now_ns());
+    for (int64_t t = begin; t < end; ++t) fn();
+    const int64_t done = now_ns();
     for (int64_t v = first_done.load(); done < v && !first_done.compare_exchange_weak(v, done);) {
     }
-    for (int64_t v = last_done.load(); done > v && !last_done.compare_exchange_weak(v, done);) {
-    }
+    raise_to(last_done, done);
   });
   const int64_t waited = last_done.load() - first_done.load(), took = now_ns() - t0;
   const bool straggler = waited > std::max(kMinWaitNs, took / 2);
-  const bool starved = took > kMinWaitNs && ran.load() < kMinRunShare * static_cast<double>(present.load());
-  if (!straggler && !starved) {
+  const bool late_start = last_start.load() - t0 > std::max(kMinWaitNs, took / 2);
+  if (!straggler && !late_start) {
     g_costly_regions.store(0, std::memory_order_relaxed);
   } else if (g_costly_regions.fetch_add(1, std::memory_order_relaxed) + 1 >= kCostlyRegions) {
     g_serial_until_ns.store(now_ns() + kSerialBackoffNs, std::memory_order_relaxed);
