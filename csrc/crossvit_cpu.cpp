@@ -485,7 +485,7 @@ std::atomic<int64_t> g_serial_until_ns{0};
 // region starts the next spell.
 std::atomic<int64_t> g_costly_regions{0};
 constexpr int64_t kCostlyRegions = 2;
-constexpr int64_t kSerialBackoffNs = 1'000'000'000;  // how long the machine counts as busy after a costly region
+constexpr int64_t kSerialBackoffNs = 1'000'000'000;  // how long the machine counts as busy once it does
 constexpr int64_t kMinWaitNs = 500'000;            // waits below this are never taken for contention
 
 int64_t now_ns() {
