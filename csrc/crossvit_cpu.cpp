@@ -520,6 +520,10 @@ void for_each_thread(const F& fn) {
   const KernelThreads threads;
   const int64_t t0 = now_ns();
   std::atomic<int64_t> first_done{std::numeric_limits<int64_t>::max()}, last_done{0}, last_start{0};
+  const auto lower_to = [](std::atomic<int64_t>& a, int64_t x) {
+    for (int64_t v = a.load(); x < v && !a.compare_exchange_weak(v, x);) {
+    }
+  };
   const auto raise_to = [](std::atomic<int64_t>& a, int64_t x) {
     for (int64_t v = a.load(); x > v && !a.compare_exchange_weak(v, x);) {
     }
@@ -528,8 +532,7 @@ void for_each_thread(const F& fn) {
     raise_to(last_start, now_ns());
     for (int64_t t = begin; t < end; ++t) fn();
     const int64_t done = now_ns();
-    for (int64_t v = first_done.load(); done < v && !first_done.compare_exchange_weak(v, done);) {
-    }
+    lower_to(first_done, done);
     raise_to(last_done, done);
   });
   const int64_t waited = last_done.load() - first_done.load(), took = now_ns() - t0;

@@ -199,11 +199,6 @@ def run_cross_attention(inputs, backend, grad_out: Optional[torch.Tensor] = None
     return out, grads
 
 
-# ---------------------------------------------------------------------------------------------
-# a tiny CrossViT with timm's weights, ours or patched (the drop-in and ONNX tests)
-# ---------------------------------------------------------------------------------------------
-
-
 def nvidia_compiler_reason() -> Optional[str]:
     """None when Triton can compile for an NVIDIA target here (its NVIDIA backend and ptxas are
     installed; no GPU needed), else why not: the skip reason of the compile-only sm_90 tests."""
@@ -219,6 +214,10 @@ def nvidia_compiler_reason() -> Optional[str]:
         return f"cannot use Triton's compiler: {exc}"
     return None
 
+
+# ---------------------------------------------------------------------------------------------
+# a tiny CrossViT with timm's weights, ours or patched (the drop-in and ONNX tests)
+# ---------------------------------------------------------------------------------------------
 
 TINY_ARGS = dict(img_size=48, img_scale=(1.0, 1.0), patch_size=(12, 16), embed_dim=(24, 48), depth=((1, 1, 0),),
                  num_heads=(2, 4), mlp_ratio=(2.0, 2.0, 1.0), num_classes=5)

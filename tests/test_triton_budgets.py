@@ -29,8 +29,7 @@ import pytest
 import torch
 
 from budget_tools import AddressRecorder, TritonLaunches, kernel_ops
-from helpers import nvidia_compiler_reason
-from helpers import HAS_GPU, TRITON_INTERPRET, compile_env, requires_triton, triton_installs
+from helpers import HAS_GPU, TRITON_INTERPRET, compile_env, nvidia_compiler_reason, requires_triton, triton_installs
 from test_triton_fusion import grad_out_like, stage_inputs
 
 pytestmark = requires_triton

@@ -19,10 +19,9 @@ import sys
 import pytest
 import torch
 
-from helpers import nvidia_compiler_reason
 from helpers import (FACTOR, GRAD_FACTOR, HAS_GPU, TOL, assert_close, assert_within_ref_error, compile_env,
-                     cross_attention_inputs, max_err, poison_, requires_gpu, requires_triton, run_cross_attention,
-                     triton_installs, upcast)
+                     cross_attention_inputs, max_err, nvidia_compiler_reason, poison_, requires_gpu, requires_triton,
+                     run_cross_attention, triton_installs, upcast)
 
 pytestmark = requires_triton
 

@@ -17,8 +17,8 @@ import sys
 import pytest
 import torch
 
-from helpers import nvidia_compiler_reason
-from helpers import compile_env, cross_attention_inputs, requires_triton, run_cross_attention, triton_installs
+from helpers import (compile_env, cross_attention_inputs, nvidia_compiler_reason, requires_triton,
+                     run_cross_attention, triton_installs)
 from test_triton_fusion import stage_inputs
 
 pytestmark = requires_triton

@@ -20,9 +20,8 @@ import sys
 import pytest
 import torch
 
-from helpers import nvidia_compiler_reason
 from helpers import (GRAD_FACTOR, HAS_GPU, TOL, assert_close, assert_within_ref_error, compile_env,
-                     requires_gpu, requires_triton, triton_installs)
+                     nvidia_compiler_reason, requires_gpu, requires_triton, triton_installs)
 
 DEVICE = "cuda" if HAS_GPU else "cpu"
 DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)

@@ -16,9 +16,8 @@ import sys
 import pytest
 import torch
 
-from helpers import nvidia_compiler_reason
 from helpers import (FACTOR, HAS_GPU, assert_close, assert_within_ref_error, compile_env, cross_attention_inputs,
-                     poison_, requires_triton, run_cross_attention, triton_installs, upcast)
+                     nvidia_compiler_reason, poison_, requires_triton, run_cross_attention, triton_installs, upcast)
 
 pytestmark = requires_triton
 
