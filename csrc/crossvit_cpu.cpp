@@ -57,31 +57,67 @@ using at::Tensor;
 #define CVK_INLINE inline __attribute__((always_inline))
 
 // ------------------------------------------------------------------------------------------------
-// 8-float vectors
+// float vectors of W = 8 or 16 lanes (the kernels' width: vector_width(), below)
 // ------------------------------------------------------------------------------------------------
-constexpr int64_t V = 8;
-typedef float vf __attribute__((vector_size(32)));
-typedef int vi __attribute__((vector_size(32)));  // shuffle masks
+template <int W>
+struct VecOf;
+template <>
+struct VecOf<8> {
+  typedef float type __attribute__((vector_size(32)));
+};
+template <>
+struct VecOf<16> {
+  typedef float type __attribute__((vector_size(64)));
+};
+template <int W>
+using vec = typename VecOf<W>::type;
+typedef vec<8> v8;
+typedef int vi __attribute__((vector_size(32)));  // shuffle masks of v8
 
-CVK_INLINE vf vload(const float* p) {
-  vf v;
+template <int W>
+CVK_INLINE vec<W> vload(const float* p) {
+  vec<W> v;
   std::memcpy(&v, p, sizeof(v));
   return v;
 }
-CVK_INLINE void vstore(float* p, vf v) { std::memcpy(p, &v, sizeof(v)); }
+template <int W>
+CVK_INLINE void vstore(float* p, vec<W> v) {
+  std::memcpy(p, &v, sizeof(v));
+}
 // Broadcast. Written as a shuffle of lane 0: GCC expands the plain {x, x, ...} initializer into
-// eight lane inserts inside target_clones functions, but the shuffle into one vbroadcastss.
-CVK_INLINE vf vset(float x) {
+// lane inserts inside target_clones functions, but the shuffle into one vbroadcastss.
+template <int W>
+CVK_INLINE vec<W> vset(float x) {
 #if defined(__clang__) || (defined(__GNUC__) && __GNUC__ >= 12)
-  const vf v = {x};
-  return __builtin_shufflevector(v, v, 0, 0, 0, 0, 0, 0, 0, 0);
+  const vec<W> v = {x};
+  if constexpr (W == 8) {
+    return __builtin_shufflevector(v, v, 0, 0, 0, 0, 0, 0, 0, 0);
+  } else {
+    return __builtin_shufflevector(v, v, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0);
+  }
 #else
-  return vf{x, x, x, x, x, x, x, x};
+  vec<W> v;
+  for (int k = 0; k < W; ++k) v[k] = x;
+  return v;
 #endif
+}
+// The 8-float sum of a vector's two halves (lane k + lane k + 8); the vector itself when W = 8.
+template <int W>
+CVK_INLINE v8 fold(vec<W> v) {
+  if constexpr (W == 8) {
+    return v;
+  } else {
+    v8 lo, hi;
+    std::memcpy(&lo, &v, sizeof(lo));
+    std::memcpy(&hi, reinterpret_cast<const char*>(&v) + sizeof(lo), sizeof(hi));
+    return lo + hi;
+  }
 }
 // The sum of the lanes, in the order of hsum8 (below): a dot product reduced by either is bitwise
 // the same (the backward's dz_h . xh of a token and its dz_h . z_h rely on it).
-CVK_INLINE float hsum(vf v) {
+template <int W>
+CVK_INLINE float hsum(vec<W> w) {
+  const v8 v = fold<W>(w);
   return ((v[0] + v[1]) + (v[2] + v[3])) + ((v[4] + v[5]) + (v[6] + v[7]));
 }
 #if defined(__clang__)
@@ -90,18 +126,25 @@ CVK_INLINE float hsum(vf v) {
 #define CVK_SHUFFLE(a, b, ...) __builtin_shuffle(a, b, vi{__VA_ARGS__})
 #endif
 // Lane k of the result is hsum(v_k): eight horizontal sums at once, by three rounds of pairwise
-// shuffles and adds (7 vector adds instead of 56 scalar ones and their lane extracts).
-CVK_INLINE vf hsum8(vf v0, vf v1, vf v2, vf v3, vf v4, vf v5, vf v6, vf v7) {
+// shuffles and adds (7 vector adds instead of 56 scalar ones and their lane extracts) after the
+// folds of 16-float vectors.
+CVK_INLINE v8 hsum8_of_folds(v8 v0, v8 v1, v8 v2, v8 v3, v8 v4, v8 v5, v8 v6, v8 v7) {
   // pairs of lanes: t01 = [v0 01, v1 01, v0 23, v1 23, v0 45, v1 45, v0 67, v1 67]
-  const vf t01 = CVK_SHUFFLE(v0, v1, 0, 8, 2, 10, 4, 12, 6, 14) + CVK_SHUFFLE(v0, v1, 1, 9, 3, 11, 5, 13, 7, 15);
-  const vf t23 = CVK_SHUFFLE(v2, v3, 0, 8, 2, 10, 4, 12, 6, 14) + CVK_SHUFFLE(v2, v3, 1, 9, 3, 11, 5, 13, 7, 15);
-  const vf t45 = CVK_SHUFFLE(v4, v5, 0, 8, 2, 10, 4, 12, 6, 14) + CVK_SHUFFLE(v4, v5, 1, 9, 3, 11, 5, 13, 7, 15);
-  const vf t67 = CVK_SHUFFLE(v6, v7, 0, 8, 2, 10, 4, 12, 6, 14) + CVK_SHUFFLE(v6, v7, 1, 9, 3, 11, 5, 13, 7, 15);
+  const v8 t01 = CVK_SHUFFLE(v0, v1, 0, 8, 2, 10, 4, 12, 6, 14) + CVK_SHUFFLE(v0, v1, 1, 9, 3, 11, 5, 13, 7, 15);
+  const v8 t23 = CVK_SHUFFLE(v2, v3, 0, 8, 2, 10, 4, 12, 6, 14) + CVK_SHUFFLE(v2, v3, 1, 9, 3, 11, 5, 13, 7, 15);
+  const v8 t45 = CVK_SHUFFLE(v4, v5, 0, 8, 2, 10, 4, 12, 6, 14) + CVK_SHUFFLE(v4, v5, 1, 9, 3, 11, 5, 13, 7, 15);
+  const v8 t67 = CVK_SHUFFLE(v6, v7, 0, 8, 2, 10, 4, 12, 6, 14) + CVK_SHUFFLE(v6, v7, 1, 9, 3, 11, 5, 13, 7, 15);
   // quads: u0 = [v0 0-3, v1 0-3, v2 0-3, v3 0-3, v0 4-7, v1 4-7, v2 4-7, v3 4-7]
-  const vf u0 = CVK_SHUFFLE(t01, t23, 0, 1, 8, 9, 4, 5, 12, 13) + CVK_SHUFFLE(t01, t23, 2, 3, 10, 11, 6, 7, 14, 15);
-  const vf u1 = CVK_SHUFFLE(t45, t67, 0, 1, 8, 9, 4, 5, 12, 13) + CVK_SHUFFLE(t45, t67, 2, 3, 10, 11, 6, 7, 14, 15);
+  const v8 u0 = CVK_SHUFFLE(t01, t23, 0, 1, 8, 9, 4, 5, 12, 13) + CVK_SHUFFLE(t01, t23, 2, 3, 10, 11, 6, 7, 14, 15);
+  const v8 u1 = CVK_SHUFFLE(t45, t67, 0, 1, 8, 9, 4, 5, 12, 13) + CVK_SHUFFLE(t45, t67, 2, 3, 10, 11, 6, 7, 14, 15);
   // halves
   return CVK_SHUFFLE(u0, u1, 0, 1, 2, 3, 8, 9, 10, 11) + CVK_SHUFFLE(u0, u1, 4, 5, 6, 7, 12, 13, 14, 15);
+}
+
+template <int W>
+CVK_INLINE v8 hsum8(vec<W> v0, vec<W> v1, vec<W> v2, vec<W> v3, vec<W> v4, vec<W> v5, vec<W> v6, vec<W> v7) {
+  return hsum8_of_folds(fold<W>(v0), fold<W>(v1), fold<W>(v2), fold<W>(v3), fold<W>(v4), fold<W>(v5), fold<W>(v6),
+                        fold<W>(v7));
 }
 
 constexpr int64_t kTile = 8;          // tokens per tile
@@ -111,221 +154,218 @@ constexpr int64_t kPrefetch = 6;      // tokens read ahead (software prefetch di
 inline int64_t round_up(int64_t x, int64_t m) { return (x + m - 1) / m * m; }
 
 // ------------------------------------------------------------------------------------------------
-// hot loops; rows are padded to Cp (a multiple of 8) with zeros
+// hot loops, on W-float vectors; rows are padded to Cp (a multiple of W) with zeros
 // ------------------------------------------------------------------------------------------------
 
 // d = row - mean (the centred token, not yet scaled by rstd); returns rstd. The one home of a
 // token's LayerNorm statistics: the backward recomputes them with it, bit for bit as the forward.
 // row[C..Cp) must be 0; d[C..Cp) = 0. Two-pass statistics (mean, then the mean of squared
 // deviations) as torch's var_mean; four accumulators per pass to hide the add latency.
+template <int W>
 CVK_HOT float ln_center_row(const float* row, int64_t C, int64_t Cp, float eps, float* d) {
-  vf a0 = vset(0.f), a1 = a0, a2 = a0, a3 = a0;
+  vec<W> a0 = vset<W>(0.f), a1 = a0, a2 = a0, a3 = a0;
   int64_t c = 0;
-  for (; c + 4 * V <= Cp; c += 4 * V) {
-    a0 += vload(row + c);
-    a1 += vload(row + c + V);
-    a2 += vload(row + c + 2 * V);
-    a3 += vload(row + c + 3 * V);
+  for (; c + 4 * W <= Cp; c += 4 * W) {
+    a0 += vload<W>(row + c);
+    a1 += vload<W>(row + c + W);
+    a2 += vload<W>(row + c + 2 * W);
+    a3 += vload<W>(row + c + 3 * W);
   }
-  for (; c < Cp; c += V) a0 += vload(row + c);
-  const float mean = hsum((a0 + a1) + (a2 + a3)) / static_cast<float>(C);
-  const vf vm = vset(mean);
-  vf q0 = vset(0.f), q1 = q0, q2 = q0, q3 = q0;
-  const int64_t Cf = C / V * V;  // the chunks without padding
-  for (c = 0; c + 4 * V <= Cf; c += 4 * V) {
-    const vf d0 = vload(row + c) - vm, d1 = vload(row + c + V) - vm;
-    const vf d2 = vload(row + c + 2 * V) - vm, d3 = vload(row + c + 3 * V) - vm;
-    vstore(d + c, d0);
-    vstore(d + c + V, d1);
-    vstore(d + c + 2 * V, d2);
-    vstore(d + c + 3 * V, d3);
+  for (; c < Cp; c += W) a0 += vload<W>(row + c);
+  const float mean = hsum<W>((a0 + a1) + (a2 + a3)) / static_cast<float>(C);
+  const vec<W> vm = vset<W>(mean);
+  vec<W> q0 = vset<W>(0.f), q1 = q0, q2 = q0, q3 = q0;
+  const int64_t Cf = C / W * W;  // the chunks without padding
+  for (c = 0; c + 4 * W <= Cf; c += 4 * W) {
+    const vec<W> d0 = vload<W>(row + c) - vm, d1 = vload<W>(row + c + W) - vm;
+    const vec<W> d2 = vload<W>(row + c + 2 * W) - vm, d3 = vload<W>(row + c + 3 * W) - vm;
+    vstore<W>(d + c, d0);
+    vstore<W>(d + c + W, d1);
+    vstore<W>(d + c + 2 * W, d2);
+    vstore<W>(d + c + 3 * W, d3);
     q0 += d0 * d0;
     q1 += d1 * d1;
     q2 += d2 * d2;
     q3 += d3 * d3;
   }
-  for (; c < Cf; c += V) {
-    const vf d0 = vload(row + c) - vm;
-    vstore(d + c, d0);
+  for (; c < Cf; c += W) {
+    const vec<W> d0 = vload<W>(row + c) - vm;
+    vstore<W>(d + c, d0);
     q0 += d0 * d0;
   }
   if (Cf < Cp) {  // the padded chunk: deviations of the padding are 0, not -mean
-    vstore(d + Cf, vload(row + Cf) - vm);
+    vstore<W>(d + Cf, vload<W>(row + Cf) - vm);
     for (int64_t k = C; k < Cp; ++k) d[k] = 0.f;
-    const vf d0 = vload(d + Cf);
+    const vec<W> d0 = vload<W>(d + Cf);
     q1 += d0 * d0;
   }
-  const float var = hsum((q0 + q1) + (q2 + q3)) / static_cast<float>(C);
+  const float var = hsum<W>((q0 + q1) + (q2 + q3)) / static_cast<float>(C);
   return 1.f / std::sqrt(var + eps);
 }
 
-// Scores of two tokens (x0, x1) against NH <= 4 heads: 2 * NH independent accumulation chains;
-// r[k] = w_k . x0 and r[4 + k] = w_k . x1 (lanes of unused heads are 0).
-template <int NH>
-CVK_INLINE vf scores_group(const float* x0, const float* x1, const float* w, int64_t Cp) {
-  vf a[4], b[4];
-  for (int k = 0; k < 4; ++k) a[k] = b[k] = vset(0.f);
-  for (int64_t c = 0; c < Cp; c += V) {
-    const vf p = vload(x0 + c), q = vload(x1 + c);
-    for (int k = 0; k < NH; ++k) {
-      const vf v = vload(w + k * Cp + c);
-      a[k] += p * v;
-      b[k] += q * v;
+// Tokens per score block: 4 on 16-float vectors (32 registers hold 16 accumulators, 4 token
+// chunks and a head's chunk), 2 on 8-float vectors (AVX2 has 16 registers).
+template <int W>
+constexpr int64_t kScoreTokens = W == 16 ? 4 : 2;
+
+// Scores of NT tokens (rows x[0..NT)) against NH <= 4 heads: NT * NH independent accumulation
+// chains; s[t*H + h] = w_h . x_t for the first nt <= NT tokens. Each score is reduced by hsum8,
+// in the order of hsum, whatever the block it belongs to.
+template <int W, int NT, int NH>
+CVK_INLINE void scores_block(const float* const* x, int64_t nt, const float* w, int64_t Cp, int64_t H, float* s) {
+  vec<W> a[NT * NH];
+#pragma GCC unroll 16
+  for (int k = 0; k < NT * NH; ++k) a[k] = vset<W>(0.f);
+  for (int64_t c = 0; c < Cp; c += W) {
+    vec<W> xv[NT];
+#pragma GCC unroll 4
+    for (int t = 0; t < NT; ++t) xv[t] = vload<W>(x[t] + c);
+#pragma GCC unroll 4
+    for (int h = 0; h < NH; ++h) {
+      const vec<W> v = vload<W>(w + h * Cp + c);
+#pragma GCC unroll 4
+      for (int t = 0; t < NT; ++t) a[t * NH + h] += xv[t] * v;
     }
   }
-  return hsum8(a[0], a[1], a[2], a[3], b[0], b[1], b[2], b[3]);
+  constexpr int K = NT * NH;
+#pragma GCC unroll 2
+  for (int k0 = 0; k0 < K; k0 += 8) {
+    const vec<W> zero = vset<W>(0.f);
+    const v8 r = hsum8<W>(a[k0], k0 + 1 < K ? a[k0 + 1] : zero, k0 + 2 < K ? a[k0 + 2] : zero,
+                          k0 + 3 < K ? a[k0 + 3] : zero, k0 + 4 < K ? a[k0 + 4] : zero,
+                          k0 + 5 < K ? a[k0 + 5] : zero, k0 + 6 < K ? a[k0 + 6] : zero,
+                          k0 + 7 < K ? a[k0 + 7] : zero);
+    for (int k = k0; k < std::min(K, k0 + 8); ++k) {
+      if (k / NH < nt) s[(k / NH) * H + k % NH] = r[k - k0];
+    }
+  }
 }
 
-// s[t*H + h] = w_h . xh_t for t < nt (pairs of tokens x groups of up to four heads).
+// s[t*H + h] = w_h . xh_t for t < nt (blocks of kScoreTokens tokens x up to four heads).
+template <int W>
 CVK_HOT void tile_scores(const float* xh, int64_t nt, int64_t Cp, const float* w, int64_t H, float* s) {
-  for (int64_t t = 0; t < nt; t += 2) {
-    const float* x0 = xh + t * Cp;
-    const float* x1 = (t + 1 < nt) ? x0 + Cp : x0;
+  constexpr int NT = kScoreTokens<W>;
+  for (int64_t t = 0; t < nt; t += NT) {
+    const float* x[NT];
+    for (int64_t k = 0; k < NT; ++k) x[k] = xh + std::min(t + k, nt - 1) * Cp;  // past nt: computed, not stored
     for (int64_t h = 0; h < H; h += 4) {
-      const int64_t nh = std::min<int64_t>(4, H - h);
       const float* wh = w + h * Cp;
-      vf r;
-      switch (nh) {
-        case 4: r = scores_group<4>(x0, x1, wh, Cp); break;
-        case 3: r = scores_group<3>(x0, x1, wh, Cp); break;
-        case 2: r = scores_group<2>(x0, x1, wh, Cp); break;
-        default: r = scores_group<1>(x0, x1, wh, Cp); break;
-      }
-      for (int64_t k = 0; k < nh; ++k) {
-        s[t * H + h + k] = r[k];
-        if (t + 1 < nt) s[(t + 1) * H + h + k] = r[4 + k];
+      float* sh = s + t * H + h;
+      switch (std::min<int64_t>(4, H - h)) {
+        case 4: scores_block<W, NT, 4>(x, nt - t, wh, Cp, H, sh); break;
+        case 3: scores_block<W, NT, 3>(x, nt - t, wh, Cp, H, sh); break;
+        case 2: scores_block<W, NT, 2>(x, nt - t, wh, Cp, H, sh); break;
+        default: scores_block<W, NT, 1>(x, nt - t, wh, Cp, H, sh); break;
       }
     }
   }
 }
 
-// s[t*H + h] = w_h . xh_t and e[t*H + h] = dz_h . xh_t (two tokens x two heads x two matrices).
-CVK_HOT void tile_scores2(const float* xh, int64_t nt, int64_t Cp, const float* w, const float* dz,
-                          int64_t H, float* s, float* e) {
-  for (int64_t t = 0; t < nt; t += 2) {
-    const float* x0 = xh + t * Cp;
-    const float* x1 = (t + 1 < nt) ? x0 + Cp : x0;
-    for (int64_t h = 0; h < H; h += 2) {
-      const int64_t h1 = std::min(h + 1, H - 1);
-      const float* w0 = w + h * Cp;
-      const float* w1 = w + h1 * Cp;
-      const float* d0 = dz + h * Cp;
-      const float* d1 = dz + h1 * Cp;
-      vf s00 = vset(0.f), s01 = s00, s10 = s00, s11 = s00, e00 = s00, e01 = s00, e10 = s00, e11 = s00;
-      for (int64_t c = 0; c < Cp; c += V) {
-        const vf p = vload(x0 + c), q = vload(x1 + c);
-        const vf v0 = vload(w0 + c), v1 = vload(w1 + c), g0 = vload(d0 + c), g1 = vload(d1 + c);
-        s00 += p * v0; s01 += p * v1; s10 += q * v0; s11 += q * v1;
-        e00 += p * g0; e01 += p * g1; e10 += q * g0; e11 += q * g1;
-      }
-      const vf r = hsum8(s00, s01, s10, s11, e00, e01, e10, e11);
-      s[t * H + h] = r[0];
-      e[t * H + h] = r[4];
-      if (h + 1 < H) {
-        s[t * H + h + 1] = r[1];
-        e[t * H + h + 1] = r[5];
-      }
-      if (t + 1 < nt) {
-        s[(t + 1) * H + h] = r[2];
-        e[(t + 1) * H + h] = r[6];
-        if (h + 1 < H) {
-          s[(t + 1) * H + h + 1] = r[3];
-          e[(t + 1) * H + h + 1] = r[7];
-        }
-      }
+// acc_h for h < NH (acc + h * Cp), columns [c, c + NV * W): += sum_t p[t*H + h] * xh_t, tokens in
+// order, one chain per accumulator (NH * NV of them; a token's NV chunks serve NH heads).
+template <int W, int NH, int NV>
+CVK_INLINE void accumulate_block(const float* xh, int64_t nt, int64_t Cp, const float* p, int64_t H, float* acc,
+                                 int64_t c) {
+  vec<W> r[NH][NV];
+#pragma GCC unroll 4
+  for (int h = 0; h < NH; ++h)
+#pragma GCC unroll 2
+    for (int v = 0; v < NV; ++v) r[h][v] = vload<W>(acc + h * Cp + c + v * W);
+  for (int64_t t = 0; t < nt; ++t) {
+    vec<W> xv[NV];
+#pragma GCC unroll 2
+    for (int v = 0; v < NV; ++v) xv[v] = vload<W>(xh + t * Cp + c + v * W);
+#pragma GCC unroll 4
+    for (int h = 0; h < NH; ++h) {
+      const vec<W> k = vset<W>(p[t * H + h]);
+#pragma GCC unroll 2
+      for (int v = 0; v < NV; ++v) r[h][v] += k * xv[v];
     }
   }
+#pragma GCC unroll 4
+  for (int h = 0; h < NH; ++h)
+#pragma GCC unroll 2
+    for (int v = 0; v < NV; ++v) vstore<W>(acc + h * Cp + c + v * W, r[h][v]);
 }
 
-// acc_h += sum_t p[t*H + h] * xh_t for every head h, tokens in a fixed order (two interleaved
-// chains per full tile to halve the add latency).
-CVK_INLINE void accumulate_one_head(const float* xh, int64_t nt, int64_t Cp, const float* coef, float* a) {
-  if (nt == kTile) {
-    const vf c0 = vset(coef[0]), c1 = vset(coef[1]), c2 = vset(coef[2]), c3 = vset(coef[3]);
-    const vf c4 = vset(coef[4]), c5 = vset(coef[5]), c6 = vset(coef[6]), c7 = vset(coef[7]);
-    for (int64_t c = 0; c < Cp; c += V) {
-      vf r = vload(a + c), u = c1 * vload(xh + Cp + c);
-      r += c0 * vload(xh + c);
-      u += c3 * vload(xh + 3 * Cp + c);
-      r += c2 * vload(xh + 2 * Cp + c);
-      u += c5 * vload(xh + 5 * Cp + c);
-      r += c4 * vload(xh + 4 * Cp + c);
-      u += c7 * vload(xh + 7 * Cp + c);
-      r += c6 * vload(xh + 6 * Cp + c);
-      vstore(a + c, r + u);
-    }
-  } else {
-    for (int64_t c = 0; c < Cp; c += V) {
-      vf r = vload(a + c);
-      for (int64_t t = 0; t < nt; ++t) r += vset(coef[t]) * vload(xh + t * Cp + c);
-      vstore(a + c, r);
-    }
-  }
+template <int W, int NH>
+CVK_INLINE void accumulate_heads(const float* xh, int64_t nt, int64_t Cp, const float* p, int64_t H, float* acc) {
+  int64_t c = 0;
+  for (; c + 2 * W <= Cp; c += 2 * W) accumulate_block<W, NH, 2>(xh, nt, Cp, p, H, acc, c);
+  if (c < Cp) accumulate_block<W, NH, 1>(xh, nt, Cp, p, H, acc, c);
 }
 
+// acc_h += sum_t p[t*H + h] * xh_t for every head h (blocks of up to four heads x two vectors).
+template <int W>
 CVK_HOT void tile_accumulate(const float* xh, int64_t nt, int64_t Cp, const float* p, int64_t H, float* acc) {
-  for (int64_t h = 0; h < H; ++h) {
-    float coef[kTile];
-    for (int64_t t = 0; t < nt; ++t) coef[t] = p[t * H + h];
-    accumulate_one_head(xh, nt, Cp, coef, acc + h * Cp);
+  for (int64_t h = 0; h < H; h += 4) {
+    switch (std::min<int64_t>(4, H - h)) {
+      case 4: accumulate_heads<W, 4>(xh, nt, Cp, p + h, H, acc + h * Cp); break;
+      case 3: accumulate_heads<W, 3>(xh, nt, Cp, p + h, H, acc + h * Cp); break;
+      case 2: accumulate_heads<W, 2>(xh, nt, Cp, p + h, H, acc + h * Cp); break;
+      default: accumulate_heads<W, 1>(xh, nt, Cp, p + h, H, acc + h * Cp); break;
+    }
   }
 }
 
+template <int W>
 CVK_HOT void scale_row(float* a, int64_t Cp, float alpha) {
-  const vf va = vset(alpha);
-  for (int64_t c = 0; c < Cp; c += V) vstore(a + c, vload(a + c) * va);
+  const vec<W> va = vset<W>(alpha);
+  for (int64_t c = 0; c < Cp; c += W) vstore<W>(a + c, vload<W>(a + c) * va);
 }
 
+template <int W>
 CVK_HOT float dot_row(const float* a, const float* b, int64_t Cp) {
-  vf acc = vset(0.f);
-  for (int64_t c = 0; c < Cp; c += V) acc += vload(a + c) * vload(b + c);
-  return hsum(acc);
+  vec<W> acc = vset<W>(0.f);
+  for (int64_t c = 0; c < Cp; c += W) acc += vload<W>(a + c) * vload<W>(b + c);
+  return hsum<W>(acc);
 }
 
 // Gradient of one token: dxh = sum_h a_h dz_h + ds_h w_h, then the LayerNorm backward
 // dx = rstd * (dxh - mean(dxh) - xh * mean(dxh * xh)), written to dx (fp32, Cp wide).
+template <int W>
 CVK_HOT void token_grad(const float* xh, int64_t C, int64_t Cp, const float* a, const float* ds,
                         const float* dz, const float* w, int64_t H, float rstd, float* dx) {
-  vf s1 = vset(0.f), s2 = vset(0.f);
+  vec<W> s1 = vset<W>(0.f), s2 = vset<W>(0.f);
   int64_t c = 0;
-  for (; c + 4 * V <= Cp; c += 4 * V) {  // 8 independent chains per head step
-    vf ga0 = vset(0.f), ga1 = ga0, ga2 = ga0, ga3 = ga0, gs0 = ga0, gs1 = ga0, gs2 = ga0, gs3 = ga0;
+  for (; c + 4 * W <= Cp; c += 4 * W) {  // 8 independent chains per head step
+    vec<W> ga0 = vset<W>(0.f), ga1 = ga0, ga2 = ga0, ga3 = ga0, gs0 = ga0, gs1 = ga0, gs2 = ga0, gs3 = ga0;
     for (int64_t h = 0; h < H; ++h) {
-      const vf ah = vset(a[h]), dh = vset(ds[h]);
+      const vec<W> ah = vset<W>(a[h]), dh = vset<W>(ds[h]);
       const float* zr = dz + h * Cp + c;
       const float* wr = w + h * Cp + c;
-      ga0 += ah * vload(zr);
-      ga1 += ah * vload(zr + V);
-      ga2 += ah * vload(zr + 2 * V);
-      ga3 += ah * vload(zr + 3 * V);
-      gs0 += dh * vload(wr);
-      gs1 += dh * vload(wr + V);
-      gs2 += dh * vload(wr + 2 * V);
-      gs3 += dh * vload(wr + 3 * V);
+      ga0 += ah * vload<W>(zr);
+      ga1 += ah * vload<W>(zr + W);
+      ga2 += ah * vload<W>(zr + 2 * W);
+      ga3 += ah * vload<W>(zr + 3 * W);
+      gs0 += dh * vload<W>(wr);
+      gs1 += dh * vload<W>(wr + W);
+      gs2 += dh * vload<W>(wr + 2 * W);
+      gs3 += dh * vload<W>(wr + 3 * W);
     }
-    const vf g0 = ga0 + gs0, g1 = ga1 + gs1, g2 = ga2 + gs2, g3 = ga3 + gs3;
-    vstore(dx + c, g0);
-    vstore(dx + c + V, g1);
-    vstore(dx + c + 2 * V, g2);
-    vstore(dx + c + 3 * V, g3);
+    const vec<W> g0 = ga0 + gs0, g1 = ga1 + gs1, g2 = ga2 + gs2, g3 = ga3 + gs3;
+    vstore<W>(dx + c, g0);
+    vstore<W>(dx + c + W, g1);
+    vstore<W>(dx + c + 2 * W, g2);
+    vstore<W>(dx + c + 3 * W, g3);
     s1 += (g0 + g1) + (g2 + g3);
-    s2 += (g0 * vload(xh + c) + g1 * vload(xh + c + V)) + (g2 * vload(xh + c + 2 * V) + g3 * vload(xh + c + 3 * V));
+    s2 += (g0 * vload<W>(xh + c) + g1 * vload<W>(xh + c + W)) + (g2 * vload<W>(xh + c + 2 * W) + g3 * vload<W>(xh + c + 3 * W));
   }
-  for (; c < Cp; c += V) {
-    vf ga = vset(0.f), gs = vset(0.f);
+  for (; c < Cp; c += W) {
+    vec<W> ga = vset<W>(0.f), gs = vset<W>(0.f);
     for (int64_t h = 0; h < H; ++h) {
-      ga += vset(a[h]) * vload(dz + h * Cp + c);
-      gs += vset(ds[h]) * vload(w + h * Cp + c);
+      ga += vset<W>(a[h]) * vload<W>(dz + h * Cp + c);
+      gs += vset<W>(ds[h]) * vload<W>(w + h * Cp + c);
     }
-    const vf g = ga + gs;
-    vstore(dx + c, g);
+    const vec<W> g = ga + gs;
+    vstore<W>(dx + c, g);
     s1 += g;
-    s2 += g * vload(xh + c);
+    s2 += g * vload<W>(xh + c);
   }
-  const vf m1 = vset(hsum(s1) / static_cast<float>(C));
-  const vf m2 = vset(hsum(s2) / static_cast<float>(C));
-  const vf vr = vset(rstd);
-  for (int64_t c = 0; c < Cp; c += V) vstore(dx + c, vr * (vload(dx + c) - m1 - vload(xh + c) * m2));
+  const vec<W> m1 = vset<W>(hsum<W>(s1) / static_cast<float>(C));
+  const vec<W> m2 = vset<W>(hsum<W>(s2) / static_cast<float>(C));
+  const vec<W> vr = vset<W>(rstd);
+  for (int64_t c = 0; c < Cp; c += W) vstore<W>(dx + c, vr * (vload<W>(dx + c) - m1 - vload<W>(xh + c) * m2));
 }
 
 // ------------------------------------------------------------------------------------------------
@@ -396,15 +436,54 @@ inline void store_row(const float* src, int64_t C, T* dst) {
 using crossvit_common::acc_type;
 using crossvit_common::PShape;
 
-// The core's shapes and Cp, the width C padded to whole vectors.
+// The core's shapes, the kernels' vector width W and Cp, the width C padded to whole vectors.
 struct XShape : crossvit_common::XDims {
-  int64_t Cp;
+  int64_t W, Cp;
 };
+
+// ------------------------------------------------------------------------------------------------
+// vector width: 16 floats where the CPU runs the x86-64-v4 clones (AVX-512: twice the floats per
+// multiply-add, and 32 vector registers), else 8. set_vector_width lets a test run the 8-float
+// kernels on such a CPU too.
+// ------------------------------------------------------------------------------------------------
+int widest_vector() {
+#if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__) && defined(__linux__) && !defined(CVK_NO_CLONES)
+  static const int w = (__builtin_cpu_init(), __builtin_cpu_supports("x86-64-v4")) ? 16 : 8;
+  return w;
+#else
+  return 8;
+#endif
+}
+
+std::atomic<int> g_vector_width{0};  // 0: widest_vector()
+
+int64_t vector_width() {
+  const int w = g_vector_width.load(std::memory_order_relaxed);
+  return w != 0 ? w : widest_vector();
+}
+
+// width 8, widest_vector(), or 0 (back to the widest); returns the width the kernels now use.
+int64_t set_vector_width(int64_t width) {
+  CVK_EXPECT(width == 0 || width == 8 || width == widest_vector());
+  g_vector_width.store(static_cast<int>(width), std::memory_order_relaxed);
+  return vector_width();
+}
 
 XShape expect_core_inputs(const Tensor& x_cls, const Tensor& x_tokens, const Tensor& w) {
   crossvit_common::expect_device(at::kCPU, x_cls, {&x_tokens, &w});
   const crossvit_common::XDims d = crossvit_common::expect_core_inputs(x_cls, x_tokens, w);
-  return XShape{d, round_up(d.C, V)};
+  const int64_t W = vector_width();
+  return XShape{d, W, round_up(d.C, W)};
+}
+
+// fn(std::integral_constant<int, W>{}) for the width s.W, read once per call.
+template <typename F>
+void with_width(const XShape& s, const F& fn) {
+  if (s.W == 16) {
+    fn(std::integral_constant<int, 16>{});
+  } else {
+    fn(std::integral_constant<int, 8>{});
+  }
 }
 
 // ------------------------------------------------------------------------------------------------
@@ -561,7 +640,7 @@ Tensor padded_f32(const Tensor& t, int64_t C, int64_t Cp) {
 // ------------------------------------------------------------------------------------------------
 // cross-attention core: forward
 // ------------------------------------------------------------------------------------------------
-template <typename T>
+template <int W, typename T>
 void xattn_forward_impl(const Tensor& x_cls, const Tensor& x_tokens, const Tensor& wp, float eps, const XShape& s,
                         Tensor& z, Tensor& lse) {
   const int64_t B = s.B, N = s.N, C = s.C, Cp = s.Cp, H = s.H;
@@ -623,10 +702,10 @@ void xattn_forward_impl(const Tensor& x_cls, const Tensor& x_tokens, const Tenso
           if (i + kPrefetch < i1) prefetch_rows(tok + b * tok_sb + (i + kPrefetch - 1) * tok_sm, tok_sm, 1, C, tok_sc);
           const float* r = (i == 0) ? token_row(cls + b * cls_sb, cls_sc, C, Cp, row.data())
                                     : token_row(tok + b * tok_sb + (i - 1) * tok_sm, tok_sc, C, Cp, row.data());
-          rs[j] = ln_center_row(r, C, Cp, eps, xh.data() + j * Cp);
+          rs[j] = ln_center_row<W>(r, C, Cp, eps, xh.data() + j * Cp);
         }
         // scores of the centred rows, scaled by rstd: w_h . xh = rstd * (w_h . (x - mean))
-        tile_scores(xh.data(), nt, Cp, wb, H, sc.data());
+        tile_scores<W>(xh.data(), nt, Cp, wb, H, sc.data());
         for (int64_t j = 0; j < nt; ++j)
           for (int64_t h = 0; h < H; ++h) sc[j * H + h] *= rs[j];
         // online softmax per head: rescale the running sums only when the running max grows;
@@ -638,7 +717,7 @@ void xattn_forward_impl(const Tensor& x_cls, const Tensor& x_tokens, const Tenso
             if (m[h] != ninf) {
               const float alpha = std::exp(m[h] - mt);
               l[h] *= alpha;
-              scale_row(acc.data() + h * Cp, Cp, alpha);
+              scale_row<W>(acc.data() + h * Cp, Cp, alpha);
             }
             m[h] = mt;
           }
@@ -648,7 +727,7 @@ void xattn_forward_impl(const Tensor& x_cls, const Tensor& x_tokens, const Tenso
             l[h] += p;
           }
         }
-        tile_accumulate(xh.data(), nt, Cp, sc.data(), H, acc.data());
+        tile_accumulate<W>(xh.data(), nt, Cp, sc.data(), H, acc.data());
       }
       if (S == 1) {
         for (int64_t h = 0; h < H; ++h) {
@@ -677,18 +756,21 @@ std::tuple<Tensor, Tensor> cross_attention_core_forward(const Tensor& x_cls, con
   Tensor lse = at::empty({s.B, s.H}, f32);
   Tensor wp = padded_f32(w, s.C, s.Cp);
   const float e = static_cast<float>(eps);
-  switch (x_cls.scalar_type()) {
-    case at::kFloat: xattn_forward_impl<float>(x_cls, x_tokens, wp, e, s, z, lse); break;
-    case at::kBFloat16: xattn_forward_impl<c10::BFloat16>(x_cls, x_tokens, wp, e, s, z, lse); break;
-    default: xattn_forward_impl<c10::Half>(x_cls, x_tokens, wp, e, s, z, lse); break;  // kHalf
-  }
+  with_width(s, [&](auto width) {
+    constexpr int W = decltype(width)::value;
+    switch (x_cls.scalar_type()) {
+      case at::kFloat: xattn_forward_impl<W, float>(x_cls, x_tokens, wp, e, s, z, lse); break;
+      case at::kBFloat16: xattn_forward_impl<W, c10::BFloat16>(x_cls, x_tokens, wp, e, s, z, lse); break;
+      default: xattn_forward_impl<W, c10::Half>(x_cls, x_tokens, wp, e, s, z, lse); break;  // kHalf
+    }
+  });
   return {z, lse};
 }
 
 // ------------------------------------------------------------------------------------------------
 // cross-attention core: backward
 // ------------------------------------------------------------------------------------------------
-template <typename T>
+template <int W, typename T>
 void xattn_backward_impl(const Tensor& x_cls, const Tensor& x_tokens, const Tensor& wp, const Tensor& zp,
                          const Tensor& lse, const Tensor& dzp, float eps, const XShape& s, Tensor& dx_cls,
                          Tensor& dx_tokens, Tensor& dw) {
@@ -721,7 +803,7 @@ void xattn_backward_impl(const Tensor& x_cls, const Tensor& x_tokens, const Tens
       const int64_t i0 = split * chunk, i1 = std::min(N, i0 + chunk);
       const float* wb = w + b * H * Cp;
       const float* dzb = dz + b * H * Cp;
-      for (int64_t h = 0; h < H; ++h) dzz[h] = dot_row(dzb + h * Cp, zz + (b * H + h) * Cp, Cp);
+      for (int64_t h = 0; h < H; ++h) dzz[h] = dot_row<W>(dzb + h * Cp, zz + (b * H + h) * Cp, Cp);
       std::fill(acc.begin(), acc.end(), 0.f);
       for (int64_t t0 = i0; t0 < i1; t0 += kTile) {
         const int64_t nt = std::min(kTile, i1 - t0);
@@ -731,10 +813,11 @@ void xattn_backward_impl(const Tensor& x_cls, const Tensor& x_tokens, const Tens
           const float* r = (i == 0) ? token_row(cls + b * cls_sb, cls_sc, C, Cp, row.data())
                                     : token_row(tok + b * tok_sb + (i - 1) * tok_sm, tok_sc, C, Cp, row.data());
           // xh = (row - mean) * rstd with the statistics recomputed as the forward computed them
-          rs[j] = ln_center_row(r, C, Cp, eps, xh.data() + j * Cp);
-          scale_row(xh.data() + j * Cp, Cp, rs[j]);
+          rs[j] = ln_center_row<W>(r, C, Cp, eps, xh.data() + j * Cp);
+          scale_row<W>(xh.data() + j * Cp, Cp, rs[j]);
         }
-        tile_scores2(xh.data(), nt, Cp, wb, dzb, H, sc.data(), e.data());
+        tile_scores<W>(xh.data(), nt, Cp, wb, H, sc.data());
+        tile_scores<W>(xh.data(), nt, Cp, dzb, H, e.data());
         for (int64_t j = 0; j < nt; ++j) {
           for (int64_t h = 0; h < H; ++h) {
             const float a = std::exp(sc[j * H + h] - lse_p[b * H + h]);
@@ -744,14 +827,15 @@ void xattn_backward_impl(const Tensor& x_cls, const Tensor& x_tokens, const Tens
         }
         for (int64_t j = 0; j < nt; ++j) {
           const int64_t i = t0 + j;
-          token_grad(xh.data() + j * Cp, C, Cp, sc.data() + j * H, ds.data() + j * H, dzb, wb, H, rs[j], dxr.data());
-          if (i == 0) {
-            store_row(dxr.data(), C, dcls + b * C);
-          } else {
-            store_row(dxr.data(), C, dtok + (b * M + (i - 1)) * C);
-          }
+          T* out = (i == 0) ? dcls + b * C : dtok + (b * M + (i - 1)) * C;
+          // a float32 row of whole vectors is written in place, any other row through dxr
+          bool in_place = false;
+          if constexpr (std::is_same_v<T, float>) in_place = C == Cp;
+          float* dx = in_place ? reinterpret_cast<float*>(out) : dxr.data();
+          token_grad<W>(xh.data() + j * Cp, C, Cp, sc.data() + j * H, ds.data() + j * H, dzb, wb, H, rs[j], dx);
+          if (!in_place) store_row(dx, C, out);
         }
-        tile_accumulate(xh.data(), nt, Cp, ds.data(), H, acc.data());
+        tile_accumulate<W>(xh.data(), nt, Cp, ds.data(), H, acc.data());
       }
       if (S == 1) {
         for (int64_t h = 0; h < H; ++h) std::memcpy(dw_out + (b * H + h) * C, acc.data() + h * Cp, sizeof(float) * C);
@@ -787,17 +871,20 @@ std::tuple<Tensor, Tensor, Tensor> cross_attention_core_backward(const Tensor& x
   Tensor dzp = padded_f32(dz, s.C, s.Cp);
   Tensor lse_c = lse.contiguous();
   const float e = static_cast<float>(eps);
-  switch (x_cls.scalar_type()) {
-    case at::kFloat:
-      xattn_backward_impl<float>(x_cls, x_tokens, wp, zp, lse_c, dzp, e, s, dx_cls, dx_tokens, dw);
-      break;
-    case at::kBFloat16:
-      xattn_backward_impl<c10::BFloat16>(x_cls, x_tokens, wp, zp, lse_c, dzp, e, s, dx_cls, dx_tokens, dw);
-      break;
-    default:  // kHalf
-      xattn_backward_impl<c10::Half>(x_cls, x_tokens, wp, zp, lse_c, dzp, e, s, dx_cls, dx_tokens, dw);
-      break;
-  }
+  with_width(s, [&](auto width) {
+    constexpr int W = decltype(width)::value;
+    switch (x_cls.scalar_type()) {
+      case at::kFloat:
+        xattn_backward_impl<W, float>(x_cls, x_tokens, wp, zp, lse_c, dzp, e, s, dx_cls, dx_tokens, dw);
+        break;
+      case at::kBFloat16:
+        xattn_backward_impl<W, c10::BFloat16>(x_cls, x_tokens, wp, zp, lse_c, dzp, e, s, dx_cls, dx_tokens, dw);
+        break;
+      default:  // kHalf
+        xattn_backward_impl<W, c10::Half>(x_cls, x_tokens, wp, zp, lse_c, dzp, e, s, dx_cls, dx_tokens, dw);
+        break;
+    }
+  });
   return {dx_cls, dx_tokens, dw};
 }
 
@@ -1042,7 +1129,7 @@ std::tuple<std::optional<Tensor>, Tensor, std::optional<Tensor>, Tensor, Tensor>
 std::string cpu_capability() {
 #if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__) && defined(__linux__) && !defined(CVK_NO_CLONES)
   __builtin_cpu_init();
-  if (__builtin_cpu_supports("x86-64-v4")) return "x86-64-v4";
+  if (__builtin_cpu_supports("x86-64-v4")) return "x86-64-v4";  // the 16-float kernels unless set_vector_width(8)
   if (__builtin_cpu_supports("x86-64-v3")) return "x86-64-v3";
   return "x86-64 (baseline)";
 #else
@@ -1059,6 +1146,7 @@ TORCH_LIBRARY(crossvit_kernels_cpu, m) {
   crossvit_common::define_operators(m);
   m.def("cpu_capability() -> str", &cvk::cpu_capability);
   m.def("serial_section(bool enter) -> ()", &cvk::serial_section);
+  m.def("set_vector_width(int width) -> int", &cvk::set_vector_width);
 }
 
 TORCH_LIBRARY_IMPL(crossvit_kernels_cpu, CPU, m) {

@@ -6,6 +6,8 @@
 * The cores and the patch embedding against the "torch" backend directly (any token strides,
   dtypes).
 * Results independent of the thread count (1 and 2 threads bitwise identical).
+* Both vector widths of the cross-attention kernels (8 floats, and 16 where the CPU has AVX-512)
+  held to the same checks.
 * Every operator of the extension, called directly with inputs that break its contract, raises a
   Python exception that names the broken condition, never a signal (checked in a child process).
 * The loader: a broken or stale extension degrades to "torch" with one warning; reasons are reported.
@@ -44,6 +46,25 @@ def _torch():
     return backends.get_backend("torch")
 
 
+def _vector_widths():
+    """8, and 16 where this CPU runs the kernels on 16-float (AVX-512) vectors."""
+    if _CPU.ops is None:
+        return [8]
+    widest = _CPU.ops.set_vector_width(0)
+    return sorted({8, widest})
+
+
+@pytest.fixture(params=_vector_widths(), ids=lambda w: f"w{w}")
+def vector_width(request):
+    """Runs the test with the cross-attention kernels on vectors of ``request.param`` floats."""
+    ops = _cpu_ops()
+    assert ops.set_vector_width(request.param) == request.param
+    try:
+        yield request.param
+    finally:
+        ops.set_vector_width(0)
+
+
 # ---------------------------------------------------------------------------------------------
 # cross-attention through the public entry
 # ---------------------------------------------------------------------------------------------
@@ -76,13 +97,13 @@ def _check_cross_attention(B, M, C, H, dtype, strided, seed=0):
 @requires_cpp
 @pytest.mark.parametrize("strided", [True, False], ids=["strided", "contiguous"])
 @pytest.mark.parametrize("B,M,C,H", XATTN_SHAPES)
-def test_cross_attention_cpp_float32(B, M, C, H, strided):
+def test_cross_attention_cpp_float32(B, M, C, H, strided, vector_width):
     _check_cross_attention(B, M, C, H, torch.float32, strided)
 
 
 @requires_cpp
 @pytest.mark.parametrize("B,M,C,H", [(2, 5, 12, 3), (1, 17, 40, 5), (2, 400, 224, 7), (2, 196, 448, 7)])
-def test_cross_attention_cpp_bfloat16(B, M, C, H):
+def test_cross_attention_cpp_bfloat16(B, M, C, H, vector_width):
     _check_cross_attention(B, M, C, H, torch.bfloat16, strided=True)
 
 
@@ -128,7 +149,7 @@ def _core_inputs(B, M, C, H, dtype, layout, seed=0):
 @pytest.mark.parametrize("layout", ["strided", "contiguous", "transposed"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("B,M,C,H", [(2, 9, 12, 3), (1, 400, 224, 7), (3, 0, 16, 2), (2, 1, 7, 1), (4, 130, 44, 4)])
-def test_core_matches_the_torch_backend(B, M, C, H, dtype, layout):
+def test_core_matches_the_torch_backend(B, M, C, H, dtype, layout, vector_width):
     ops = _cpu_ops()
     x_cls, x_tokens, w, dz = _core_inputs(B, M, C, H, dtype, layout)
     fwd = ops.cross_attention_core_forward(x_cls, x_tokens, w, 1e-6)
@@ -149,6 +170,22 @@ def test_core_matches_the_torch_backend(B, M, C, H, dtype, layout):
 
 
 @requires_cpp
+def test_vector_width_follows_the_cpu():
+    """16-float kernels exactly where the x86-64-v4 (AVX-512) clones run; 8 can always be chosen,
+    a width the CPU lacks never."""
+    ops = _cpu_ops()
+    widest = ops.set_vector_width(0)
+    assert widest == (16 if ops.cpu_capability() == "x86-64-v4" else 8)
+    try:
+        assert ops.set_vector_width(8) == 8
+        if widest == 8:
+            with pytest.raises(RuntimeError, match="width == widest_vector"):
+                ops.set_vector_width(16)
+    finally:
+        assert ops.set_vector_width(0) == widest
+
+
+@requires_cpp
 def test_core_does_not_modify_inputs():
     ops = _cpu_ops()
     x_cls, x_tokens, w, dz = _core_inputs(2, 20, 24, 3, torch.float32, "strided")
@@ -161,7 +198,7 @@ def test_core_does_not_modify_inputs():
 
 @requires_cpp
 @pytest.mark.parametrize("B,M,C,H", [(1, 400, 224, 7), (3, 196, 448, 7), (64, 40, 20, 4), (2, 77, 13, 1)])
-def test_thread_count_does_not_change_results(B, M, C, H):
+def test_thread_count_does_not_change_results(B, M, C, H, vector_width):
     """The token splits depend on the shapes only and are combined in a fixed order."""
     ops = _cpu_ops()
     x_cls, x_tokens, w, dz = _core_inputs(B, M, C, H, torch.float32, "strided", seed=3)
@@ -396,6 +433,7 @@ BAD_CALLS = {
         "torch.randn(4, 3, 3, 3, device=dev), True, True)", "grad_out.sizes().equals({B, 1 + P, C})"),
     "cpu_capability": ("ops.cpu_capability(torch.randn(2))", None),  # no argument expected
     "serial_section": ("ops.serial_section(False)", "tl_serial_depth > 0"),  # leaving a section never entered
+    "set_vector_width": ("ops.set_vector_width(4)", "width == 0 || width == 8 || width == widest_vector()"),
 }
 
 _CHILD = """

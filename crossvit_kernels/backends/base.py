@@ -301,12 +301,12 @@ class Backend:
             d_gamma = (dy * z).sum((0, 1))
         if need_beta:
             d_beta = dy.sum((0, 1))
-        dz = dy * gamma if gamma is not None else dy
+        # the core takes dz contiguous: written so at once, not multiplied and then copied
+        dz = torch.mul(dy, gamma, out=dy.new_empty((B, H, C))) if gamma is not None else dy.contiguous()
         need_query = n_xcls or need_gamma or need_beta or n_wq or n_bq or n_wk
         dx_cls = dx_tokens = d_wq = d_bq = d_wk = None
         if n_xcls or n_xtok or need_query:
-            dx_cls, dx_tokens, dw = self.cross_attention_core_backward(x_cls, x_tokens, w, z, lse, dz.contiguous(),
-                                                                       eps)
+            dx_cls, dx_tokens, dw = self.cross_attention_core_backward(x_cls, x_tokens, w, z, lse, dz, eps)
             if not n_xtok:
                 dx_tokens = None
             dx_cls = dx_cls.to(acc) if n_xcls else None
@@ -356,7 +356,10 @@ def _absorbed_query(q: Tensor, wk: Tensor, gamma: Optional[Tensor], H: int) -> T
     B, C = q.shape
     d = C // H
     u = torch.bmm(q.view(B, H, d).transpose(0, 1), wk.view(H, d, C))                     # (H, B, C)
-    return (u * (gamma * d ** -0.5 if gamma is not None else d ** -0.5)).transpose(0, 1).contiguous()
+    # scaled straight into the (B, H, C) layout: a product and then a transposing copy would
+    # write one more fresh (B, H, C) tensor
+    return torch.mul(u.transpose(0, 1), gamma * d ** -0.5 if gamma is not None else d ** -0.5,
+                     out=u.new_empty((B, H, C)))
 
 
 def _affine(t: Tensor, gamma: Optional[Tensor], beta: Optional[Tensor]) -> Tensor:
