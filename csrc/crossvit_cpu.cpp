@@ -14,9 +14,11 @@
 // only, never on the thread count, and partial results are combined in split order, so the
 // results are bitwise identical for any number of threads.
 //
-// Vectorisation: the hot loops work on 8-float vectors (GCC/Clang vector extensions). On x86-64
-// with GCC they are compiled three times (x86-64-v4, x86-64-v3 = AVX2+FMA, baseline) and the
-// best clone for the running CPU is picked at load time, so the extension needs no -march flag.
+// Vectorisation: the hot loops are templates on the vector width W (GCC/Clang vector extensions):
+// 16 floats where the CPU has AVX-512 (x86-64-v4), 8 elsewhere, chosen per call (vector_width).
+// On x86-64 with GCC each is compiled three times (x86-64-v4, x86-64-v3 = AVX2+FMA, baseline) and
+// the best clone for the running CPU is picked at load time, so the extension needs no -march
+// flag.
 
 #include "common.h"
 
@@ -35,6 +37,7 @@
 #include <algorithm>
 #include <atomic>
 #include <chrono>
+#include <ctime>
 #include <cmath>
 #include <cstring>
 #include <limits>
@@ -519,14 +522,16 @@ void set_intraop_threads(int n) {
 }
 
 bool machine_busy();
+bool cores_shared();
 
 // Enters (depth + 1) or leaves (depth - 1) the calling thread's serial section; nests. The
-// outermost section takes effect only while the machine counts as busy: on an idle machine the
-// steps around the kernels keep their threads (the projections' GEMMs and the backward's
-// reductions gain from two).
-void serial_section(bool enter) {
+// outermost section takes effect only while the machine counts as busy, or, for a section of
+// small steps (the cross-attention's B x C x C projections, not the patch embedding's GEMMs),
+// while the kernels' threads found their cores shared: on an idle machine the steps around the
+// kernels keep their threads (the projections' GEMMs and the backward's reductions gain from two).
+void serial_section(bool enter, bool small_steps) {
   if (enter) {
-    if (tl_serial_depth++ == 0 && (tl_serial_on = machine_busy())) {
+    if (tl_serial_depth++ == 0 && (tl_serial_on = machine_busy() || (small_steps && cores_shared()))) {
       tl_kernel_threads = static_cast<int>(at::get_num_threads());  // also runs ATen's per-thread init first
       set_intraop_threads(1);
       tl_mkl_saved = MKL_Set_Num_Threads_Local ? MKL_Set_Num_Threads_Local(1) : 0;
@@ -566,6 +571,11 @@ std::atomic<int64_t> g_costly_regions{0};
 constexpr int64_t kCostlyRegions = 2;
 constexpr int64_t kSerialBackoffNs = 1'000'000'000;  // how long the machine counts as busy once it does
 constexpr int64_t kMinWaitNs = 500'000;            // waits below this are never taken for contention
+// Regions in a row in which a thread got less than kMinShare of its time on a core (its core is
+// shared with another process), and until when the small steps run serially after such regions.
+std::atomic<int64_t> g_shared_regions{0};
+std::atomic<int64_t> g_shared_until_ns{0};
+constexpr double kMinShare = 0.75;
 
 int64_t now_ns() {
   return std::chrono::duration_cast<std::chrono::nanoseconds>(std::chrono::steady_clock::now().time_since_epoch())
@@ -574,6 +584,26 @@ int64_t now_ns() {
 
 // Whether a kernel's region recently showed other processes on its cores (see for_each_thread).
 bool machine_busy() { return now_ns() < g_serial_until_ns.load(std::memory_order_relaxed); }
+bool cores_shared() { return now_ns() < g_shared_until_ns.load(std::memory_order_relaxed); }
+
+// The calling thread's CPU time in ns, or -1 where the platform has no per-thread clock.
+int64_t thread_cpu_ns() {
+#if defined(__linux__) || defined(__APPLE__)
+  timespec ts;
+  if (clock_gettime(CLOCK_THREAD_CPUTIME_ID, &ts) == 0) return int64_t{ts.tv_sec} * 1'000'000'000 + ts.tv_nsec;
+#endif
+  return -1;
+}
+
+// Counts a region that showed a sign (costly) or not; kCostlyRegions in a row set `until` to
+// kSerialBackoffNs from now.
+void count_region(bool sign, std::atomic<int64_t>& in_a_row, std::atomic<int64_t>& until) {
+  if (!sign) {
+    in_a_row.store(0, std::memory_order_relaxed);
+  } else if (in_a_row.fetch_add(1, std::memory_order_relaxed) + 1 >= kCostlyRegions) {
+    until.store(now_ns() + kSerialBackoffNs, std::memory_order_relaxed);
+  }
+}
 
 // Runs fn once on each thread of ATen's pool: the kernel's one parallel region. The work items are
 // handed out dynamically (an atomic counter) so a thread that the OS descheduled on a busy machine
@@ -589,6 +619,11 @@ bool machine_busy() { return now_ns() < g_serial_until_ns.load(std::memory_order
 //     finished with the others, so no straggler shows, but the region ran on fewer threads and
 //     waited for its wake-up. (Threads that all run, however slowly, while other processes share
 //     their cores show neither sign: there a region with two threads still beats one thread.)
+// Separately, a region in which a thread ran less than kMinShare of its time in the region (its
+// CPU time against its wall time, over at least kMinWaitNs) found its core shared; kCostlyRegions
+// such regions in a row make the small steps' serial sections take effect for kSerialBackoffNs.
+// The kernels keep their threads (dynamic items make a slow thread cost little in a long region),
+// but each of the small steps' short regions would wait up to a scheduler slice for such a thread.
 template <typename F>
 void for_each_thread(const F& fn) {
   const int64_t n = at::in_parallel_region() ? 1 : tl_serial_on ? tl_kernel_threads : at::get_num_threads();
@@ -599,6 +634,7 @@ void for_each_thread(const F& fn) {
   const KernelThreads threads;
   const int64_t t0 = now_ns();
   std::atomic<int64_t> first_done{std::numeric_limits<int64_t>::max()}, last_done{0}, last_start{0};
+  std::atomic<bool> shared{false};
   const auto lower_to = [](std::atomic<int64_t>& a, int64_t x) {
     for (int64_t v = a.load(); x < v && !a.compare_exchange_weak(v, x);) {
     }
@@ -608,20 +644,22 @@ void for_each_thread(const F& fn) {
     }
   };
   at::parallel_for(0, n, 1, [&](int64_t begin, int64_t end) {
-    raise_to(last_start, now_ns());
+    const int64_t start = now_ns(), cpu0 = thread_cpu_ns();
+    raise_to(last_start, start);
     for (int64_t t = begin; t < end; ++t) fn();
-    const int64_t done = now_ns();
+    const int64_t done = now_ns(), cpu1 = thread_cpu_ns();
     lower_to(first_done, done);
     raise_to(last_done, done);
+    if (cpu0 >= 0 && cpu1 >= 0 && done - start > kMinWaitNs &&
+        static_cast<double>(cpu1 - cpu0) < kMinShare * static_cast<double>(done - start)) {
+      shared.store(true, std::memory_order_relaxed);
+    }
   });
   const int64_t waited = last_done.load() - first_done.load(), took = now_ns() - t0;
   const bool straggler = waited > std::max(kMinWaitNs, took / 2);
   const bool late_start = last_start.load() - t0 > std::max(kMinWaitNs, took / 2);
-  if (!straggler && !late_start) {
-    g_costly_regions.store(0, std::memory_order_relaxed);
-  } else if (g_costly_regions.fetch_add(1, std::memory_order_relaxed) + 1 >= kCostlyRegions) {
-    g_serial_until_ns.store(now_ns() + kSerialBackoffNs, std::memory_order_relaxed);
-  }
+  count_region(straggler || late_start, g_costly_regions, g_serial_until_ns);
+  count_region(shared.load(), g_shared_regions, g_shared_until_ns);
 }
 
 // Number of token splits per batch row: a function of the shapes only (never of the thread count).
@@ -1145,7 +1183,7 @@ std::string cpu_capability() {
 TORCH_LIBRARY(crossvit_kernels_cpu, m) {
   crossvit_common::define_operators(m);
   m.def("cpu_capability() -> str", &cvk::cpu_capability);
-  m.def("serial_section(bool enter) -> ()", &cvk::serial_section);
+  m.def("serial_section(bool enter, bool small_steps=False) -> ()", &cvk::serial_section);
   m.def("set_vector_width(int width) -> int", &cvk::set_vector_width);
 }
 

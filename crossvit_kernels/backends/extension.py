@@ -132,10 +132,11 @@ class _ExtensionBackend(Backend):
 class CppBackend(_ExtensionBackend):
     """The CPU kernels. Each kernel opens at most one parallel region, with the caller's thread
     count and work handed out dynamically, and each op runs in a serial section of the calling
-    thread, where, while the machine is busy, the small steps around the kernels (the B x C x C
-    projections, the CLS's LayerNorm, the batch sums) open no parallel region. On a busy machine
-    every region costs up to a scheduler slice (a thread whose core another process holds arrives
-    late at its end), so the number of regions, not the work, decides a call's time there
+    thread, where, while the machine is busy (and, around the cross-attention's small steps, while
+    the kernels' threads find their cores shared), the small steps around the kernels (the
+    B x C x C projections, the CLS's LayerNorm, the batch sums) open no parallel region. On a busy
+    machine every region costs up to a scheduler slice (a thread whose core another process holds
+    arrives late at its end), so the number of regions, not the work, decides a call's time there
     (docs/design.md, section 10)."""
 
     name = "cpp"
@@ -143,19 +144,19 @@ class CppBackend(_ExtensionBackend):
     devices = ("cpu",)
 
     @contextlib.contextmanager
-    def _serial(self):
-        self._ops.serial_section(True)
+    def _serial(self, small_steps: bool = False):
+        self._ops.serial_section(True, small_steps)
         try:
             yield
         finally:
             self._ops.serial_section(False)
 
     def cross_attention_forward(self, *args):
-        with self._serial():
+        with self._serial(small_steps=True):
             return super().cross_attention_forward(*args)
 
     def cross_attention_backward(self, *args):
-        with self._serial():
+        with self._serial(small_steps=True):
             return super().cross_attention_backward(*args)
 
     def patch_embed_forward(self, *args):
