@@ -37,9 +37,9 @@
 #include <algorithm>
 #include <atomic>
 #include <chrono>
-#include <ctime>
 #include <cmath>
 #include <cstring>
+#include <ctime>
 #include <limits>
 #include <optional>
 #include <tuple>
@@ -51,8 +51,15 @@ namespace {
 
 using at::Tensor;
 
+// Whether the hot loops are compiled as target clones (x86-64 GCC on Linux, unless CVK_NO_CLONES).
 #if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__) && defined(__linux__) && \
     !defined(CVK_NO_CLONES)
+#define CVK_TARGET_CLONES 1
+#else
+#define CVK_TARGET_CLONES 0
+#endif
+
+#if CVK_TARGET_CLONES
 #define CVK_HOT __attribute__((noinline, target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
 #else
 #define CVK_HOT __attribute__((noinline))
@@ -450,7 +457,7 @@ struct XShape : crossvit_common::XDims {
 // kernels on such a CPU too.
 // ------------------------------------------------------------------------------------------------
 int widest_vector() {
-#if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__) && defined(__linux__) && !defined(CVK_NO_CLONES)
+#if CVK_TARGET_CLONES
   static const int w = (__builtin_cpu_init(), __builtin_cpu_supports("x86-64-v4")) ? 16 : 8;
   return w;
 #else
@@ -1165,7 +1172,7 @@ std::tuple<std::optional<Tensor>, Tensor, std::optional<Tensor>, Tensor, Tensor>
 
 // Which vector clone the running CPU uses (x86-64 GCC builds only); the CPU benchmark records it.
 std::string cpu_capability() {
-#if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__) && defined(__linux__) && !defined(CVK_NO_CLONES)
+#if CVK_TARGET_CLONES
   __builtin_cpu_init();
   if (__builtin_cpu_supports("x86-64-v4")) return "x86-64-v4";  // the 16-float kernels unless set_vector_width(8)
   if (__builtin_cpu_supports("x86-64-v3")) return "x86-64-v3";
