@@ -302,7 +302,6 @@ class Backend:
         if need_beta:
             d_beta = dy.sum((0, 1))
         # the core takes dz contiguous in acc: written so at once, not multiplied and then copied
-        # (under autocast the GEMMs above give dy in its lower precision)
         dz = (torch.mul(dy, gamma, out=dy.new_empty((B, H, C), dtype=acc)) if gamma is not None
               else dy.to(acc, memory_format=torch.contiguous_format))
         need_query = n_xcls or need_gamma or need_beta or n_wq or n_bq or n_wk

@@ -8,6 +8,7 @@ same methods in eager mode, under ``torch.compile`` and under ``torch.export``.
 """
 from __future__ import annotations
 
+import contextlib
 from typing import List, Optional, Sequence, Tuple
 
 import torch
@@ -256,7 +257,11 @@ def _grads(ctx, grad_out, backward) -> tuple:
     needs = [bool(n) and p for n, p in zip(ctx.needs_input_grad[:12], ctx.present)]
     if grad_out is None or not any(needs):
         return (None,) * 16
-    grads = backward(grad_out, *ctx.saved_tensors, ctx.num_heads, ctx.eps, ctx.residual, needs)
+    ac = autocast_device(grad_out)
+    # a backward run inside autocast (the loss computed there) computes as the forward did: with
+    # autocast off, in the inputs' dtype
+    with torch.autocast(ac, enabled=False) if ac is not None else contextlib.nullcontext():
+        grads = backward(grad_out, *ctx.saved_tensors, ctx.num_heads, ctx.eps, ctx.residual, needs)
     return tuple(g if n else None for g, n in zip(grads, needs)) + (None,) * 4
 
 
