@@ -236,14 +236,21 @@ def test_load_workers_exit_when_their_parent_dies(tmp_path):
 
 
 def test_profile_op_cpu_smoke(tmp_path):
-    """tools/profile_op.py runs on the CPU and writes its rows (on a GPU it lists kernels)."""
+    """tools/profile_op.py runs on the CPU, under a background load, and writes its rows, the
+    extension's ops among them (on a GPU it lists kernels); an unknown load is a usage error."""
     out = tmp_path / "profile.json"
-    proc = subprocess.run([sys.executable, os.path.join(REPO, "tools", "profile_op.py"), "--device", "cpu",
-                           "--batch", "2", "--iters", "2", "--mode", "fwd+bwd", "--json", str(out)],
+    tool = os.path.join(REPO, "tools", "profile_op.py")
+    proc = subprocess.run([sys.executable, tool, "--device", "cpu", "--batch", "2", "--iters", "2", "--mode",
+                           "fwd+bwd", "--load", "busy1", "--json", str(out)],
                           env=_env(), capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     data = json.loads(out.read_text())
-    assert data["rows"] and data["wall_us"] > 0 and "cross_attention" in data["what"]
+    assert data["rows"] and data["wall_us"] > 0 and data["cpu_us"] > 0 and "cross_attention" in data["what"]
+    assert any(r["name"].startswith("crossvit_kernels_cpu::cross_attention_core") for r in data["rows"])
+    assert "load busy1: workers ended" in proc.stderr
+    bad = subprocess.run([sys.executable, tool, "--device", "cpu", "--load", "busy"], env=_env(),
+                         capture_output=True, text=True, timeout=120)
+    assert bad.returncode == 2 and "unknown load 'busy'" in bad.stderr, bad.stderr[-2000:]
 
 
 def test_gpu_script_parses():

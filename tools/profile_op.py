@@ -1,26 +1,33 @@
-"""Where one call of a fused op spends its time: every kernel (GPU) or ATen op (CPU) it runs, with
-counts and times per call, from ``torch.profiler``.
+"""Where one call of a fused op spends its time: every kernel (GPU) or ATen or extension op (CPU) it
+runs, with counts and times per call, from ``torch.profiler``.
 
     python tools/profile_op.py --op cross_attention --model crossvit_18_240 --fusion 0 --batch 256
     python tools/profile_op.py --op patch_embed --model crossvit_18_240 --branch 0 --mode fwd+bwd
     python tools/profile_op.py --device cpu --batch 4        # CPU smoke run (ATen ops, CPU time)
+    python tools/profile_op.py --device cpu --batch 64 --iters 40 --load busy2   # under load
 
 Shapes are a variant's (``--model``, any of MODEL_CONFIGS): its fusion ``--fusion`` i (the CLS of
 branch i attends over the other branch's tokens) or the patch embedding of branch ``--branch``;
 the inputs and the call are the benchmark harness's (benchmarks/harness.py), ``--impl`` any of its
 variants (a backend, ``timm``, ``triton-unfused``, ``<backend>-core`` ...). On a GPU the table lists
 the device kernels by total device time; ``--json`` writes the rows. The numbers are profiler
-times (each kernel alone, no overlap): use benchmarks/run.py for timings.
+times (each kernel alone, no overlap): use benchmarks/run.py for timings. The header also gives the
+median wall time and the median CPU time of the whole process (all its threads, spinning ones
+included) per unprofiled call: on the CPU their ratio says how many cores the call kept busy, and
+under ``--load`` (benchmarks/load.py's kinds) how much of the machine the scheduler gave it.
 """
 from __future__ import annotations
 
 import argparse
 import json
 import os
+import statistics
 import sys
 import time
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks"))
+
+import load  # noqa: E402  (benchmarks/load.py: standard library only)
 
 
 def main(argv=None) -> int:
@@ -37,7 +44,12 @@ def main(argv=None) -> int:
     p.add_argument("--iters", type=int, default=20)
     p.add_argument("--rows", type=int, default=25)
     p.add_argument("--json", default=None, help="write the rows here")
+    p.add_argument("--load", default="none", help="background load while profiling and timing: " + load.KINDS_HELP)
     args = p.parse_args(argv)
+    try:
+        load.parse_kind(args.load)
+    except ValueError as exc:
+        p.error(str(exc))
 
     import torch
     from torch.profiler import ProfilerActivity, profile
@@ -68,22 +80,29 @@ def main(argv=None) -> int:
         step = harness.patch_embed_fn(t, args.impl, args.mode)
         what = f"patch_embed {args.model} branch {args.branch} ({img} px, {patch} px patches, C={C})"
 
-    for _ in range(5):  # warm-up: autotuning, lazy initialisation
-        step()
-    if gpu:
-        torch.cuda.synchronize()
-    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if gpu else [])
-    with profile(activities=activities) as prof:
-        for _ in range(args.iters):
-            step()
+    def sync():
         if gpu:
             torch.cuda.synchronize()
-    t0 = time.perf_counter()
-    for _ in range(args.iters):
+
+    for _ in range(5):  # warm-up: autotuning, lazy initialisation
         step()
-    if gpu:
-        torch.cuda.synchronize()
-    wall_us = (time.perf_counter() - t0) / args.iters * 1e6
+    sync()
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if gpu else [])
+    with load.generate(args.load):
+        if args.load != "none":
+            time.sleep(1.0)  # the workers start
+        with profile(activities=activities) as prof:
+            for _ in range(args.iters):
+                step()
+            sync()
+        walls, cpus = [], []
+        for _ in range(args.iters):
+            c0, t0 = time.process_time(), time.perf_counter()
+            step()
+            sync()
+            walls.append(time.perf_counter() - t0)
+            cpus.append(time.process_time() - c0)
+    wall_us, cpu_us = statistics.median(walls) * 1e6, statistics.median(cpus) * 1e6
 
     rows = []
     for e in prof.key_averages():
@@ -95,16 +114,18 @@ def main(argv=None) -> int:
                 continue
         else:
             t = e.self_cpu_time_total
-            if not t or not e.key.startswith(("aten::", "crossvit_kernels::")):
+            if not t or not e.key.startswith(("aten::", "crossvit_kernels")):  # the extension's ops too
                 continue
         rows.append(dict(name=e.key, calls_per_op=e.count / args.iters, us_per_op=t / args.iters))
     rows.sort(key=lambda r: -r["us_per_op"])
     total = sum(r["us_per_op"] for r in rows)
     launches = sum(r["calls_per_op"] for r in rows)
-    kind = "device kernels" if gpu else "ATen ops (self CPU time)"
+    kind = "device kernels" if gpu else "ATen and extension ops (self CPU time)"
     print(f"# {what}, {args.impl}, {harness.dtype_name(dtype)}, batch {args.batch}, {args.mode}, {args.device}: "
-          f"{launches:.0f} {kind} per call, {total:.1f} us summed; {wall_us:.1f} us wall time per call "
-          f"(unprofiled{'' if gpu else ', including the extension kernels the ATen list does not show'})")
+          f"{launches:.0f} {kind} per call, {total:.1f} us summed; per unprofiled call (median) "
+          f"{wall_us:.1f} us wall time, {cpu_us:.1f} us the process's CPU time "
+          f"(CPU / wall {sum(cpus) / sum(walls):.2f})"
+          + ("" if args.load == "none" else f"; load {args.load}"))
     print(f"{'us/call':>9} {'share':>6} {'calls':>6}  name")
     for r in rows[:args.rows]:
         print(f"{r['us_per_op']:9.1f} {100 * r['us_per_op'] / max(total, 1e-9):5.1f}% {r['calls_per_op']:6.1f}  "
@@ -113,8 +134,8 @@ def main(argv=None) -> int:
         print(f"... {len(rows) - args.rows} more")
     if args.json:
         with open(args.json, "w") as f:
-            json.dump(dict(args=vars(args), what=what, total_us=total, wall_us=wall_us, launches=launches, rows=rows),
-                      f, indent=1)
+            json.dump(dict(args=vars(args), what=what, total_us=total, wall_us=wall_us, cpu_us=cpu_us,
+                           launches=launches, rows=rows), f, indent=1)
     return 0
 
 
