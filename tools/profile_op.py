@@ -13,8 +13,9 @@ variants (a backend, ``timm``, ``triton-unfused``, ``<backend>-core`` ...). On a
 the device kernels by total device time; ``--json`` writes the rows. The numbers are profiler
 times (each kernel alone, no overlap): use benchmarks/run.py for timings. The header also gives the
 median wall time and the median CPU time of the whole process (all its threads, spinning ones
-included) per unprofiled call: on the CPU their ratio says how many cores the call kept busy, and
-under ``--load`` (benchmarks/load.py's kinds) how much of the machine the scheduler gave it.
+included) per unprofiled call, each call timed alone (on a GPU, synchronised): on the CPU their
+ratio says how many cores the call kept busy, and under ``--load`` (benchmarks/load.py's kinds) how
+much of the machine the scheduler gave it.
 """
 from __future__ import annotations
 
